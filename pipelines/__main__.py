@@ -1,0 +1,5 @@
+"""``python -m pipelines``: the raysmith CLI (what submitted Ray Jobs run)."""
+
+from pipelines.cli import main
+
+main()

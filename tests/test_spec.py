@@ -1,0 +1,215 @@
+"""Spec validation: every bad input is refused before Ray starts, with a precise message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import CONFIGS, tiny_ppo, write_spec
+
+from pipelines.errors import SpecError
+from pipelines.spec import deep_merge, flatten, load_spec, nest
+
+
+def problems(tmp_path: Path, text: str, overrides=()) -> list[str]:
+    path = write_spec(tmp_path, "spec.yaml", text)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path, overrides)
+    assert caught.value.source == str(path)
+    return [p.render() for p in caught.value.problems]
+
+
+def experiment_specs() -> list[Path]:
+    return sorted(p for p in CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", experiment_specs(), ids=lambda p: p.name)
+def test_every_shipped_spec_is_valid(path):
+    loaded = load_spec(path)
+    assert loaded.spec.kind == "rl"
+    assert loaded.spec_hash() == load_spec(path).spec_hash()
+
+
+def test_tiny_spec_loads_with_defaults(tmp_path):
+    loaded = load_spec(write_spec(tmp_path, "tiny.yaml", tiny_ppo()))
+    spec = loaded.spec
+    assert spec.algorithm == "PPO" and spec.env == "CartPole-v1"
+    assert spec.evaluation.explore is False and spec.evaluation.at_start is True
+    assert spec.stop.env_steps == 1500
+
+
+def test_unknown_key_names_path_line_and_allowed_keys(tmp_path):
+    text = tiny_ppo().replace("evaluation:\n", "evaluation:\n  episodez: 3\n")
+    [message] = problems(tmp_path, text)
+    assert "evaluation.episodez" in message
+    assert "unknown key 'episodez'" in message
+    assert "did you mean 'episodes'" in message
+    assert "allowed keys here: at_start, enabled, episodes, every_env_steps, explore, num_env_runners" in message
+    line = text.splitlines().index("  episodez: 3") + 1
+    assert message.startswith(f"line {line}:")
+
+
+def test_unknown_top_level_key(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo() + "trainig: {}\n")
+    assert "trainig: unknown key 'trainig'" in message and "'training'" in message
+
+
+def test_wrong_type_names_value_and_expectation(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo().replace("env_steps: 1500", "env_steps: lots"))
+    assert "stop.env_steps" in message
+    assert "'lots' (str)" in message
+    assert "valid integer" in message
+
+
+def test_set_override_is_type_checked_and_marked(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo(), ["stop.env_steps=-5"])
+    assert "stop.env_steps" in message and "greater than or equal to 1" in message
+    assert "(from --set)" in message
+
+
+def test_set_override_changes_the_spec(tmp_path):
+    path = write_spec(tmp_path, "spec.yaml", tiny_ppo())
+    loaded = load_spec(path, ["stop.env_steps=777", "training.lr=1e-4", "evaluation.enabled=false"])
+    assert loaded.spec.stop.env_steps == 777
+    assert loaded.spec.training["lr"] == pytest.approx(1e-4)
+    assert loaded.spec.evaluation.enabled is False
+    assert loaded.spec_hash() != load_spec(path).spec_hash()
+
+
+def test_set_override_needs_path_and_value(tmp_path):
+    path = write_spec(tmp_path, "spec.yaml", tiny_ppo())
+    with pytest.raises(SpecError, match="expected PATH=VALUE"):
+        load_spec(path, ["stop.env_steps"])
+    with pytest.raises(SpecError, match="holds 'PPO', not a section"):
+        load_spec(path, ["algorithm.name=x"])
+
+
+def test_unknown_kind_lists_kinds(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo().replace("kind: rl", "kind: rll"))
+    assert "unknown pipeline kind 'rll'" in message
+    assert "did you mean 'rl'" in message and "allowed kinds: rl" in message
+
+
+def test_missing_kind(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo().replace("kind: rl\n", ""))
+    assert message.startswith("kind: required") and "allowed kinds" in message
+
+
+def test_unknown_env_lists_close_matches(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo().replace("CartPole-v1", "CartPol-v1"))
+    assert "env: unknown gymnasium environment 'CartPol-v1'" in message
+    assert "'CartPole-v1'" in message
+
+
+def test_unknown_algorithm_lists_close_matches(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo().replace("algorithm: PPO", "algorithm: PP0"))
+    assert "unknown algorithm 'PP0'" in message and "'PPO'" in message
+
+
+def test_unknown_rllib_argument_lists_allowed(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo().replace("  lr: 0.001", "  learning_rate: 0.001"))
+    assert "training.learning_rate" in message
+    assert "unknown PPOConfig.training() argument 'learning_rate'" in message
+    assert "allowed:" in message and " lr," in message
+
+
+def test_rllib_validation_error_comes_before_ray(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo().replace("minibatch_size: 100", "minibatch_size: 5000"))
+    assert "training: PPO refused this configuration" in message and "minibatch_size" in message
+
+
+def test_bad_env_config_is_refused(tmp_path):
+    text = tiny_ppo() + "env_config:\n  no_such_argument: 1\n"
+    [message] = problems(tmp_path, text)
+    assert message.startswith("line") and "env_config:" in message and "no_such_argument" in message
+
+
+def test_discrete_algorithm_on_continuous_env(tmp_path):
+    text = tiny_ppo().replace("algorithm: PPO", "algorithm: DQN").replace("CartPole-v1", "Pendulum-v1")
+    text = text.replace("  minibatch_size: 100\n  num_epochs: 4\n", "")
+    [message] = problems(tmp_path, text)
+    assert "DQN needs a discrete action space" in message and "Pendulum-v1" in message
+
+
+def test_stop_needs_a_budget(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo().replace("  env_steps: 1500", "  target_return: 100"))
+    assert message.startswith("line") and "stop: give a budget" in message
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo() + "model: [unclosed\n")
+    assert "not valid YAML" in message and message.startswith("line")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+SEARCH = """\
+search:
+  metric: evaluation/return_mean
+  num_samples: 2
+  searcher: {searcher}
+  scheduler: {scheduler}
+  space:
+{space}
+"""
+
+
+def with_search(searcher="random", scheduler="fifo", space="    training.lr: {loguniform: [0.0001, 0.01]}"):
+    return tiny_ppo() + SEARCH.format(searcher=searcher, scheduler=scheduler, space=space)
+
+
+def test_search_section_loads(tmp_path):
+    loaded = load_spec(write_spec(tmp_path, "s.yaml", with_search(scheduler="{type: asha, grace_period: 2}")))
+    search = loaded.spec.search
+    assert search.scheduler.type == "asha" and search.scheduler.grace_period == 2
+    assert search.space["training.lr"].name == "loguniform"
+
+
+def test_search_space_path_must_exist(tmp_path):
+    [message] = problems(tmp_path, with_search(space="    stop.env_stepz: {choice: [1000, 2000]}"))
+    assert message.startswith("line") and "search.space.stop.env_stepz" in message
+    assert "unknown key 'env_stepz'" in message
+
+
+def test_search_space_values_must_fit_the_field(tmp_path):
+    [message] = problems(tmp_path, with_search(space="    stop.env_steps: {choice: [1000, many]}"))
+    assert "search.space.stop.env_steps" in message and "'many'" in message
+
+
+def test_search_space_values_checked_by_rllib(tmp_path):
+    [message] = problems(tmp_path, with_search(space="    training.minibatch_size: {choice: [100, 5000]}"))
+    assert "search.space.training.minibatch_size" in message and "5000" in message
+
+
+def test_distribution_needs_exactly_one_form(tmp_path):
+    [message] = problems(tmp_path, with_search(space="    training.lr: {uniform: [0.1, 0.2], choice: [1]}"))
+    assert "give exactly one of" in message
+
+
+def test_distribution_bounds(tmp_path):
+    [message] = problems(tmp_path, with_search(space="    training.lr: {loguniform: [0, 0.1]}"))
+    assert "bounds must be positive" in message
+
+
+def test_optuna_refuses_grid(tmp_path):
+    [message] = problems(tmp_path, with_search(searcher="optuna", space="    training.lr: {grid: [0.001, 0.01]}"))
+    assert "optuna" in message and "grid" in message
+
+
+def test_pbt_needs_a_space(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo() + "search:\n  scheduler: pbt\n")
+    assert "pbt" in message and "non-empty space" in message
+
+
+def test_unknown_scheduler_type(tmp_path):
+    [message] = problems(tmp_path, with_search(scheduler="hyperband"))
+    assert "search.scheduler" in message and "'fifo', 'asha', 'pbt'" in message
+
+
+def test_dict_helpers():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": 1, "a.c": "[1, 2]", "d": "x"}
+    assert nest({"a.b": 1, "a.c": 2, "d": 3}) == {"a": {"b": 1, "c": 2}, "d": 3}
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}

@@ -1,0 +1,1 @@
+"""Plain PyTorch models, losses, data transforms and attacks. Never imports Ray."""
