@@ -248,6 +248,9 @@ def runs(
     from pipelines.tracking.mlflow_run import TAG_KIND, make_client, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        out.print(f"no runs yet: {uri[len('sqlite:///'):]} does not exist", highlight=False)
+        return
     client = make_client(uri)
     if experiment:
         found = client.get_experiment_by_name(experiment)

@@ -293,6 +293,10 @@ class RLPipeline(Pipeline):
         problems = _check_env(spec)
         if problems:
             return problems
+        lr = spec.training.get("lr")
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
+            # RLlib passes any number to the optimizer; a negative rate would ascend the loss
+            return [Problem("training.lr", f"must be positive; got {lr!r}")]
         try:
             config = build_algorithm_config(spec)
         except _SectionError as err:

@@ -85,7 +85,8 @@ def run_local(
         try:
             with progress:
                 summary = pipeline.run(spec, session)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):
+            # Ctrl-C, or SIGTERM (`raysmith jobs stop`), which ray.init turns into SystemExit
             tracker.finish("KILLED")
             raise
         except Exception as err:

@@ -35,6 +35,7 @@ from pipelines.spec import (
     validate_data,
 )
 from pipelines.tracking.mlflow_run import RunTracker
+from pipelines.tracking.tune_callback import trial_runs
 
 STATE_FILE = "raysmith_search.json"
 
@@ -95,7 +96,8 @@ def _searcher(search: SearchSettings, seed: int):
 def trial_tags(parent: RunTracker) -> dict[str, str]:
     """The search run's provenance tags (kind, spec hash, commit, host), for its trials."""
     tags = parent.client.get_run(parent.run_id).data.tags
-    return {k: v for k, v in tags.items() if k.startswith(("raysmith.", "mlflow.source."))}
+    kept = {k: v for k, v in tags.items() if k.startswith(("raysmith.", "mlflow.source."))}
+    return {**kept, "raysmith.command": "tune-trial"}
 
 
 def trial(config: dict[str, Any], *, base_data: dict[str, Any], source: str, required: list[str],
@@ -248,10 +250,26 @@ def run_search(
     return outcome
 
 
+def unfinished_trials(directory: Path) -> list[str]:
+    """Trials the saved experiment state says are not done (an interrupted search).
+
+    After Ctrl-C, Tune ends the running trials but saves them as unfinished; the state on
+    disk, not the in-memory result grid, tells what a resume would continue.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(directory))
+    return [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+
+
 def _summarise(results, search: SearchSettings, pipeline: Pipeline, parent: RunTracker, directory: Path) -> SearchOutcome:
     outcome = SearchOutcome(parent.run_id, parent.uri, str(directory))
     outcome.errors = results.num_errors
-    outcome.unfinished = len(results) - results.num_terminated - results.num_errors
+    unfinished = unfinished_trials(directory)
+    outcome.unfinished = len(unfinished)
+    for trial_id in unfinished:
+        for run in trial_runs(parent.client, parent.experiment_id, parent.run_id, trial_id):
+            parent.client.set_terminated(run.info.run_id, status="KILLED")
     for result in results:
         metrics = result.metrics or {}
         row: dict[str, Any] = {"trial": metrics.get("trial_id", Path(result.path).name if result.path else "?")}
@@ -267,7 +285,8 @@ def _summarise(results, search: SearchSettings, pipeline: Pipeline, parent: RunT
         outcome.best_metric = best[search.metric]
         outcome.best_config = {path: best.get(path) for path in search.space}
         parent.log_metrics({f"best/{search.metric}": outcome.best_metric}, step=0)
-        parent.log_params({f"best.{k}": v for k, v in outcome.best_config.items()})
+        # tags, not params: a resumed search may find a different best trial
+        parent.set_tags({f"raysmith.best.{k}": v for k, v in outcome.best_config.items()})
     header = list(outcome.rows[0]) if outcome.rows else []
     csv_lines = [",".join(header)] + [",".join("" if r.get(h) is None else str(r.get(h)) for h in header) for r in outcome.rows]
     parent.log_text("\n".join(csv_lines) + "\n", "trials.csv")

@@ -58,7 +58,7 @@ def _session_members(session_id: int) -> list[int]:
     return members
 
 
-def stop_session(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+def stop_session(process: subprocess.Popen, grace_s: float = 3.0) -> None:
     """Stop a process started with ``start_new_session=True`` and everything in its session."""
     if process.poll() is None:
         try:

@@ -118,6 +118,11 @@ def test_rllib_validation_error_comes_before_ray(tmp_path):
     assert "training: PPO refused this configuration" in message and "minibatch_size" in message
 
 
+def test_learning_rate_must_be_positive(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo(), ["training.lr=-0.001"])
+    assert message.startswith("training.lr: must be positive") and "(from --set)" in message
+
+
 def test_bad_env_config_is_refused(tmp_path):
     text = tiny_ppo() + "env_config:\n  no_such_argument: 1\n"
     [message] = problems(tmp_path, text)

@@ -26,6 +26,14 @@ _TUNE_KEYS = set(AUTO_RESULT_KEYS) | {
 }
 
 
+def trial_runs(client, experiment_id: str, parent_run_id: str, trial_id: str) -> list:
+    """The MLflow runs recorded for one trial of the search run ``parent_run_id``."""
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_TRIAL_ID}` = '{trial_id}'",
+    )
+
+
 class MlflowTrialCallback(Callback):
     def __init__(
         self,
@@ -52,6 +60,7 @@ class MlflowTrialCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_trackers"] = {}
+        state["_finished"] = set()  # a resumed search may continue a trial ended by Ctrl-C
         return state
 
     def _tracker(self, trial) -> RunTracker:
@@ -60,11 +69,7 @@ class MlflowTrialCallback(Callback):
             return tracker
         client = make_client(self.uri)
         parent = client.get_run(self.parent_run_id)
-        found = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`{TAG_PARENT}` = '{self.parent_run_id}' and tags.`{TAG_TRIAL_ID}` = '{trial.trial_id}'",
-            max_results=1,
-        )
+        found = trial_runs(client, parent.info.experiment_id, self.parent_run_id, trial.trial_id)
         if found:
             tracker = RunTracker.reopen(self.uri, found[0].info.run_id)
         else:

@@ -1,0 +1,62 @@
+"""MLflow tracking: the default embedded store, and a real `mlflow server`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import MlflowServer, raysmith, subprocess_env, tiny_ppo, write_spec
+from mlflow.tracking import MlflowClient
+
+from pipelines.tracking.mlflow_run import artifact_root_for, resolve_tracking_uri
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, cwd=tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(None, cwd=tmp_path) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("http://tracking:5000", cwd=tmp_path) == "http://tracking:5000"
+    # relative SQLite paths become absolute, so jobs and `mlflow ui` elsewhere find the file
+    assert resolve_tracking_uri("sqlite:///runs/x.db", cwd=tmp_path) == f"sqlite:///{tmp_path.resolve() / 'runs' / 'x.db'}"
+    assert artifact_root_for(f"sqlite:///{tmp_path / 'mlflow.db'}") == (tmp_path / "mlartifacts").as_uri()
+    assert artifact_root_for("http://127.0.0.1:5000") is None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as started:
+        yield started
+
+
+def test_run_against_a_real_mlflow_server(server, tmp_path):
+    spec = write_spec(tmp_path, "served.yaml", tiny_ppo(name="served", env_steps=1000))
+    result = raysmith("run", str(spec), cwd=tmp_path, env=subprocess_env(MLFLOW_TRACKING_URI=server.uri))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at {server.uri}" in result.stdout
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded default
+
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("served")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id in result.stdout
+    assert run.data.params["env"] == "CartPole-v1"
+    assert run.data.metrics["env_steps"] == 1000
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "evaluation/return_mean")]
+    assert steps == [0, 1000]
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"learning_curve.png", "checkpoint", "spec", "summary.txt"} <= names
+    curve = Path(client.download_artifacts(run.info.run_id, "learning_curve.png", str(tmp_path)))
+    assert curve.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_spec_tracking_uri_wins_over_the_environment(server, tmp_path):
+    spec = write_spec(tmp_path, "pinned.yaml", tiny_ppo(name="pinned", env_steps=500) + f"tracking:\n  uri: {server.uri}\n  experiment: pinned-exp\n")
+    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    result = raysmith("run", str(spec), "--set", "evaluation.enabled=false", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "elsewhere.db").exists()
+    client = MlflowClient(server.uri)
+    [run] = client.search_runs([client.get_experiment_by_name("pinned-exp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["evaluation.enabled"] == "False"
