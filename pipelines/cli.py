@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.errors import BadInput, RunFailed
+from pipelines.progress import format_value
 
 app = typer.Typer(
     help="raysmith: run, search and submit experiment specs on Ray, tracked in MLflow.",
@@ -91,7 +92,7 @@ def run(
     outcome = run_local(loaded, address=address, restore=str(restore) if restore else None, console=err)
     out.print(f"[bold green]finished[/] {loaded.spec.kind} '{loaded.spec.name}'")
     for key, value in outcome.summary.items():
-        out.print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}", highlight=False)
+        out.print(f"  {key}: {format_value(value)}", highlight=False)
     out.print(f"MLflow run {outcome.run_id} (experiment {outcome.experiment_id}) at {outcome.tracking_uri}", highlight=False)
     out.print(f"  see it with: {ui_command(outcome.tracking_uri)}", highlight=False)
 
@@ -275,7 +276,7 @@ def runs(
         started = datetime.fromtimestamp(run_.info.start_time / 1000).strftime("%m-%d %H:%M")
         metrics = [run_.data.metrics.get(k) for k in metric_keys]
         table.add_row(started, names[run_.info.experiment_id], run_.info.run_name or "", run_.info.status,
-                      run_.info.run_id, *("" if m is None else f"{m:.4g}" for m in metrics))
+                      run_.info.run_id, *(format_value(m) for m in metrics))
     out.print(table)
 
 

@@ -15,8 +15,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """Numbers for tables and status lines: whole numbers in full, others to 4 digits."""
+    if value is None:
+        return ""
     if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
         return f"{value:.4g}"
     return str(value)
 
@@ -64,7 +69,7 @@ class ProgressLine:
         return self
 
     def status_text(self) -> str:
-        parts = [f"{key}={_fmt(self._latest[key])}" for key in self.metrics if key in self._latest]
+        parts = [f"{key}={format_value(self._latest[key])}" for key in self.metrics if key in self._latest]
         return "  ".join(parts)
 
     def update(self, step: int, metrics: Mapping[str, Any]) -> None:

@@ -22,6 +22,7 @@ from rich.table import Table
 from pipelines.cluster import ray_session
 from pipelines.errors import BadInput, Problem, RunFailed, SpecError
 from pipelines.pipeline import Pipeline
+from pipelines.progress import format_value
 from pipelines.runner import start_tracker
 from pipelines.session import TuneSession
 from pipelines.spec import (
@@ -305,10 +306,10 @@ def print_search(outcome: SearchOutcome, search: SearchSettings, console: Consol
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in outcome.rows:
-        table.add_row(*("" if row.get(c) is None else (f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])) for c in columns))
+        table.add_row(*(format_value(row.get(c)) for c in columns))
     console.print(table)
     if outcome.best_config is not None:
-        console.print(f"[bold]best trial[/]: {search.metric} = {outcome.best_metric:.4g} with "
+        console.print(f"[bold]best trial[/]: {search.metric} = {format_value(outcome.best_metric)} with "
                       + ", ".join(f"{k}={v}" for k, v in outcome.best_config.items()))
 
 
