@@ -350,8 +350,16 @@ class RLPipeline(Pipeline):
         if evaluation.enabled and evaluation.at_start and env_steps == 0:
             session.report({**run_evaluation(), "env_steps": 0.0, "iteration": 0.0}, step=0)
         next_eval = (env_steps // evaluation.every_env_steps + 1) * evaluation.every_env_steps
+        iteration = int(algo.iteration)
+        # a checkpoint restored at its budget (a PBT clone of a finished trial) trains no further
+        done = self._stop_reason(stop, env_steps, iteration, 0.0, {}, evaluation.enabled)
+        if done:
+            metrics = {"env_steps": float(env_steps), "iteration": float(iteration)}
+            if evaluation.enabled:
+                metrics.update(run_evaluation())
+            session.report(metrics, step=env_steps)
 
-        while True:
+        while not done:
             result = algo.train()
             metrics = extract_metrics(result)
             env_steps = int(metrics["env_steps"])
@@ -368,8 +376,6 @@ class RLPipeline(Pipeline):
                 checkpoint = session.new_checkpoint_dir()
                 algo.save_to_path(str(checkpoint))
             session.report(metrics, step=env_steps, checkpoint=checkpoint)
-            if done:
-                break
         summary: dict[str, Any] = {
             "stop_reason": done,
             "iterations": iteration,

@@ -87,11 +87,24 @@ def _scheduler(search: SearchSettings, pipeline: Pipeline):
 
 
 def _searcher(search: SearchSettings, seed: int):
+    """Seeded by the spec's seed, so the same spec samples the same configurations."""
     if search.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=seed)
-    return None
+    from ray.tune.search import BasicVariantGenerator
+
+    # Tune ignores TuneConfig.max_concurrent_trials for a generator; it takes its own limit
+    return BasicVariantGenerator(random_state=seed, max_concurrent=search.max_concurrent_trials or 0)
+
+
+def checkpoints_to_keep(search: SearchSettings) -> int | None:
+    """PBT keeps every checkpoint (None).
+
+    Its save requests make Tune register a function trial's last checkpoint a second
+    time, and pruning then deletes checkpoints that other trials may still clone.
+    """
+    return None if isinstance(search.scheduler, PbtScheduler) else search.keep_checkpoints
 
 
 def trial_tags(parent: RunTracker) -> dict[str, str]:
@@ -235,7 +248,7 @@ def run_search(
                         name=spec.name,
                         storage_path=str(directory.parent),
                         failure_config=FailureConfig(max_failures=search.max_failures),
-                        checkpoint_config=CheckpointConfig(num_to_keep=search.keep_checkpoints),
+                        checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep(search)),
                         callbacks=[callback],
                         verbose=1,
                     ),

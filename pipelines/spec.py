@@ -185,6 +185,7 @@ class SearchSettings(SpecModel):
     storage_path: str = "ray_results"
     """Where Tune keeps trial state and checkpoints (resume reads it)."""
     keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints Tune keeps per trial (PBT keeps every one: other trials may clone them)."""
 
     @field_validator("scheduler", mode="before")
     @classmethod

@@ -105,6 +105,17 @@ def test_restore_continues_from_the_checkpoint(first_run):
     assert history(client, resumed.run_id, "iteration")[-1][1] == 5
 
 
+def test_restoring_a_finished_run_trains_no_further(first_run):
+    directory, loaded, outcome = first_run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        again = run_local(load_spec(loaded.source), restore=outcome.checkpoint)
+    assert again.summary["iterations"] == 3 and again.summary["env_steps"] == 1500
+    assert again.summary["stop_reason"] == "env_steps 1500 >= 1500"
+    client = MlflowClient(again.tracking_uri)
+    assert [step for step, _ in history(client, again.run_id, "evaluation/return_mean")] == [1500]
+
+
 def test_target_return_stops_early(workdir):
     text = tiny_ppo(env_steps=20_000).replace("every_env_steps: 1000", "every_env_steps: 500")
     text = text.replace("  env_steps: 20000", "  env_steps: 20000\n  target_return: 5")

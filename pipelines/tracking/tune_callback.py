@@ -93,6 +93,9 @@ class MlflowTrialCallback(Callback):
             key: value for key, value in result.items()
             if key not in _TUNE_KEYS and key not in carried and not key.startswith("config/")
         }
+        # the searched values as metrics too: PBT changes them during a trial
+        for key, value in flatten(trial.config).items():
+            metrics[f"config/{key}"] = value
         step = result.get(self.step_metric, result.get("training_iteration", 0))
         self._tracker(trial).log_metrics(metrics, step=int(step))
 

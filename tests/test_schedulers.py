@@ -1,0 +1,81 @@
+"""Searchers and schedulers wired into `raysmith tune`: Optuna, ASHA and PBT on a real Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import tiny_ppo, write_spec
+from mlflow.tracking import MlflowClient
+
+from pipelines.search import run_search
+from pipelines.spec import load_spec
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def trial_runs(outcome):
+    client = MlflowClient(outcome.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    return client, runs
+
+
+def series(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+
+
+def test_optuna_samples_and_asha_stops_at_max_t(workdir):
+    text = tiny_ppo(name="asha", env_steps=5000).replace("every_env_steps: 1000", "every_env_steps: 500") + """\
+search:
+  num_samples: 2
+  max_concurrent_trials: 2
+  searcher: optuna
+  scheduler: {type: asha, max_t: 3, grace_period: 1, reduction_factor: 2}
+  space:
+    training.lr: {loguniform: [0.0001, 0.01]}
+"""
+    loaded = load_spec(write_spec(workdir, "asha.yaml", text))
+    outcome = run_search(loaded)
+    assert outcome.errors == 0 and outcome.unfinished == 0
+    client, runs = trial_runs(outcome)
+    assert len(runs) == 2
+    rates = [float(r.data.params["training.lr"]) for r in runs]
+    assert all(0.0001 <= lr <= 0.01 for lr in rates) and rates[0] != rates[1]
+    for run in runs:
+        # ASHA ends every trial at max_t = 3 iterations, long before the 5000-step budget
+        assert series(client, run.info.run_id, "iteration")[-1][1] <= 3
+        assert series(client, run.info.run_id, "env_steps")[-1][1] <= 1500
+        # the learner trained with the rate Optuna sampled for this trial
+        assert series(client, run.info.run_id, "learner/default_optimizer_learning_rate")[-1][1] == pytest.approx(
+            float(run.data.params["training.lr"]), rel=1e-6)
+
+
+def test_pbt_exploits_and_the_new_rate_reaches_the_learner(workdir):
+    text = tiny_ppo(name="pbt", env_steps=3000).replace("every_env_steps: 1000", "every_env_steps: 500") + """\
+search:
+  num_samples: 2
+  max_concurrent_trials: 2
+  scheduler: {type: pbt, perturbation_interval: 2, quantile_fraction: 0.5, resample_probability: 0.5}
+  space:
+    training.lr: {choice: [0.0001, 0.0003, 0.001, 0.003]}
+"""
+    loaded = load_spec(write_spec(workdir, "pbt.yaml", text))
+    outcome = run_search(loaded)
+    assert outcome.errors == 0 and outcome.unfinished == 0
+    experiment = Path(outcome.experiment_dir)
+    policies = list(experiment.glob("pbt_policy_*.txt"))
+    assert policies, "PBT never exploited"
+    client, runs = trial_runs(outcome)
+    assert len(runs) == 2
+    for run in runs:
+        configured = dict(series(client, run.info.run_id, "config/training.lr"))
+        used = dict(series(client, run.info.run_id, "learner/default_optimizer_learning_rate"))
+        assert used and set(used) <= set(configured)  # no learner metrics at the step-0 evaluation
+        # after every exploit the learner trains with the perturbed rate, not the clone's
+        for step, lr in used.items():
+            assert lr == pytest.approx(configured[step], rel=1e-6), (step, configured[step], lr)
+        # a clone continues from the checkpoint it copied: steps never go back to 0
+        steps = [step for step, _ in series(client, run.info.run_id, "env_steps")]
+        assert steps[-1] == 3000
