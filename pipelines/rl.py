@@ -208,19 +208,14 @@ def _check_env(spec: RLSpec) -> list[Problem]:
     except Exception as err:  # a missing optional dependency, a bad value...
         return [Problem("env", f"could not create {spec.env}: {type(err).__name__}: {err}")]
     try:
-        action_space = env.action_space
+        observation_space, action_space = env.observation_space, env.action_space
     finally:
         env.close()
     if spec.algorithm in DISCRETE_ONLY and not isinstance(action_space, gym.spaces.Discrete):
         return [Problem("env", f"{spec.algorithm} needs a discrete action space; {spec.env} has {action_space}")]
-    from agents import ALGORITHMS
-
-    needs = getattr(resolve_algorithm(spec.algorithm), "action_space_kind", None) if spec.algorithm in ALGORITHMS else None
-    if needs == "continuous" and not isinstance(action_space, gym.spaces.Box):
-        return [Problem("env", f"{spec.algorithm} needs continuous (Box) actions; {spec.env} has {action_space}")]
-    if needs == "discrete" and not isinstance(action_space, gym.spaces.Discrete):
-        return [Problem("env", f"{spec.algorithm} needs a discrete action space; {spec.env} has {action_space}")]
-    return []
+    check_spaces = getattr(resolve_algorithm(spec.algorithm), "check_spaces", None)
+    reason = check_spaces(observation_space, action_space) if check_spaces else None
+    return [Problem("env", f"{spec.algorithm} cannot run on {spec.env}: {reason}")] if reason else []
 
 
 def _scalar(value: Any) -> float | None:

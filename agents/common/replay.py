@@ -1,0 +1,95 @@
+"""A uniform replay buffer of transitions, kept as preallocated tensors where the Learner runs.
+
+Transitions come from RLlib episodes (:func:`episodes_to_transitions`), are written once
+into circular storage, and minibatches are gathered with ``index_select``: no per-sample
+Python objects and no copy between the buffer and the update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+FIELDS = ("obs", "actions", "rewards", "next_obs", "terminateds")
+
+
+def episodes_to_transitions(episodes: Iterable[Any]) -> dict[str, np.ndarray]:
+    """Flatten RLlib single-agent episode chunks into (s, a, r, s', terminated) arrays.
+
+    A chunk of T steps holds T + 1 observations. Only the last step of a terminated
+    episode is terminal; a truncated episode (time limit) still bootstraps from s'.
+    """
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in FIELDS}
+    for episode in episodes:
+        steps = len(episode)
+        if steps == 0:
+            continue
+        observations = np.asarray(episode.get_observations(), dtype=np.float32).reshape(steps + 1, -1)
+        parts["obs"].append(observations[:-1])
+        parts["next_obs"].append(observations[1:])
+        parts["actions"].append(np.asarray(episode.get_actions(), dtype=np.float32).reshape(steps, -1))
+        parts["rewards"].append(np.asarray(episode.get_rewards(), dtype=np.float32).reshape(steps))
+        terminated = np.zeros(steps, dtype=np.float32)
+        terminated[-1] = float(episode.is_terminated)
+        parts["terminateds"].append(terminated)
+    if not parts["obs"]:
+        return {}
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+class TransitionBuffer:
+    """Fixed-capacity FIFO of transitions; the oldest are overwritten when full."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device | str = "cpu"):
+        if capacity < 1:
+            raise ValueError(f"replay capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.device = torch.device(device)
+        shapes = {"obs": (obs_dim,), "actions": (act_dim,), "rewards": (), "next_obs": (obs_dim,), "terminateds": ()}
+        self.storage = {name: torch.zeros((capacity, *shape), device=self.device) for name, shape in shapes.items()}
+        self.position = 0
+        self.size = 0
+        self.added = 0
+        """Transitions ever added (not capped by capacity)."""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, transitions: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        count = len(transitions["rewards"]) if transitions else 0
+        if count == 0:
+            return
+        if count > self.capacity:  # only the newest fit
+            transitions = {name: values[-self.capacity :] for name, values in transitions.items()}
+            count = self.capacity
+        first = min(count, self.capacity - self.position)
+        for name in FIELDS:
+            values = torch.as_tensor(transitions[name], dtype=torch.float32, device=self.device)
+            values = values.reshape(count, *self.storage[name].shape[1:])
+            self.storage[name][self.position : self.position + first] = values[:first]
+            if first < count:
+                self.storage[name][: count - first] = values[first:]
+        self.position = (self.position + count) % self.capacity
+        self.size = min(self.size + count, self.capacity)
+        self.added += count
+
+    def gather(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: values.index_select(0, indices) for name, values in self.storage.items()}
+
+    def get_state(self) -> dict[str, Any]:
+        """The stored transitions in insertion order (oldest first), as numpy arrays."""
+        if self.size < self.capacity:
+            order = torch.arange(self.size)
+        else:
+            order = (torch.arange(self.capacity) + self.position) % self.capacity
+        return {
+            "transitions": {name: values[order.to(self.device)].cpu().numpy() for name, values in self.storage.items()},
+            "added": self.added,
+        }
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.position = self.size = 0
+        self.add(state["transitions"])
+        self.added = int(state["added"])

@@ -1,0 +1,290 @@
+"""RUD: Regularly Updated Deterministic policy gradient (Han, Zhou, Lü, Yu; KBS 2021, arXiv 2007.00169).
+
+RUD is TD3's actor-critic (twin critics with clipped double-Q targets, target policy
+smoothing, delayed actor and target updates, Polyak averaging) run on a regular schedule:
+collect a block of ``update_interval`` environment steps with the current policy, then do
+``update_interval * updates_per_step`` gradient updates on the replay buffer, then collect
+again. ``update_interval=1`` is TD3; ``twin_q=False, policy_delay=1, target_noise=0`` with
+``update_interval=1`` is DDPG (the TD3 paper's re-tuned "our DDPG", RUD's ablation baseline).
+
+The block is also the distributed design: EnvRunners sample a whole block in parallel (one
+RLlib call), then the Learner runs the block's updates in one tight loop
+(:class:`~agents.rud.rud_learner.RUDTorchLearner`), with no RLlib machinery per update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
+
+from agents.common.replay import episodes_to_transitions
+
+
+class RUDConfig(AlgorithmConfig):
+    """RUD hyperparameters; defaults are the TD3 paper's and CleanRL's, plus RUD's block.
+
+    Example::
+
+        algo = RUDConfig().environment("HalfCheetah-v5").build_algo()
+        algo.train()   # one block: 1000 env steps, then 1000 updates
+    """
+
+    def __init__(self, algo_class: type | None = None):
+        super().__init__(algo_class=algo_class or RUD)
+        self.update_interval: int = 1000
+        """Env steps collected per block (summed over EnvRunners); one MuJoCo episode."""
+        self.updates_per_step: float = 1.0
+        """Gradient updates per env step; a block runs update_interval * updates_per_step."""
+        self.learning_starts: int = 25_000
+        """Env steps of uniformly random actions before the policy acts and learning starts."""
+        self.actor_lr: float = 3e-4
+        self.critic_lr: float = 3e-4
+        self.tau: float = 0.005
+        """Polyak coefficient of the target networks."""
+        self.policy_delay: int = 2
+        """Critic updates per actor (and target) update."""
+        self.target_noise: float = 0.2
+        """Std of the target policy smoothing noise, in normalised action units."""
+        self.target_noise_clip: float = 0.5
+        self.exploration_noise: float = 0.1
+        """Std of the Gaussian exploration noise, in normalised action units."""
+        self.twin_q: bool = True
+        """Two critics and clipped double-Q targets (False: one critic, as DDPG)."""
+        self.replay_capacity: int = 1_000_000
+        self.checkpoint_replay_buffer: bool = False
+        """Store the replay buffer in checkpoints (large: about 170 MB per 1M MuJoCo steps)."""
+        self.normalize_observations: bool = False
+        """Normalise observations with running statistics (kept in the module, checkpointed)."""
+        self.train_batch_size_per_learner = 256
+        self.gamma = 0.99
+        self.lr = None  # actor_lr and critic_lr apply
+        self.grad_clip = None
+        self.num_env_runners = 0
+        self.rollout_fragment_length = "auto"
+        self.normalize_actions = True
+        self.clip_actions = False
+
+    def training(
+        self,
+        *,
+        update_interval: int | None = NotProvided,
+        updates_per_step: float | None = NotProvided,
+        learning_starts: int | None = NotProvided,
+        actor_lr: float | None = NotProvided,
+        critic_lr: float | None = NotProvided,
+        tau: float | None = NotProvided,
+        policy_delay: int | None = NotProvided,
+        target_noise: float | None = NotProvided,
+        target_noise_clip: float | None = NotProvided,
+        exploration_noise: float | None = NotProvided,
+        twin_q: bool | None = NotProvided,
+        replay_capacity: int | None = NotProvided,
+        checkpoint_replay_buffer: bool | None = NotProvided,
+        normalize_observations: bool | None = NotProvided,
+        **kwargs: Any,
+    ) -> "RUDConfig":
+        super().training(**kwargs)
+        for name, value in locals().items():
+            if name not in ("self", "kwargs", "__class__") and value is not NotProvided:
+                setattr(self, name, value)
+        return self
+
+    def validate(self) -> None:
+        super().validate()
+        errors = []
+        if int(self.update_interval) < 1:
+            errors.append(f"update_interval must be >= 1, got {self.update_interval}")
+        if self.updates_per_step < 0:
+            errors.append(f"updates_per_step must be >= 0, got {self.updates_per_step}")
+        if int(self.policy_delay) < 1:
+            errors.append(f"policy_delay must be >= 1, got {self.policy_delay}")
+        if not 0 < self.tau <= 1:
+            errors.append(f"tau must be in (0, 1], got {self.tau}")
+        if self.target_noise < 0 or self.exploration_noise < 0:
+            errors.append("target_noise and exploration_noise must be >= 0")
+        for name in ("actor_lr", "critic_lr"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and value <= 0:
+                errors.append(f"{name} must be positive, got {value}")
+        if self.replay_capacity < self.train_batch_size_per_learner:
+            errors.append("replay_capacity must hold at least one minibatch (train_batch_size_per_learner)")
+        if self.num_learners > 1:
+            errors.append("RUD trains on one Learner that owns the replay buffer: num_learners must be 0 "
+                          f"(in the driver) or 1 (a remote Learner, e.g. on a GPU); got {self.num_learners}")
+        if self.grad_clip is not None:
+            errors.append("grad_clip is not part of TD3/RUD and is not applied; leave it unset")
+        if self.is_multi_agent:
+            errors.append("RUD is single-agent")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from agents.rud.rud_rl_module import RUDTorchRLModule
+
+        return RLModuleSpec(module_class=RUDTorchRLModule)
+
+    def get_default_learner_class(self) -> type:
+        from agents.rud.rud_learner import RUDTorchLearner
+
+        return RUDTorchLearner
+
+    @property
+    def _model_config_auto_includes(self) -> dict[str, Any]:
+        return super()._model_config_auto_includes | {
+            "twin_q": self.twin_q,
+            "exploration_noise": self.exploration_noise,
+            "learning_starts": self.learning_starts,
+            "normalize_observations": self.normalize_observations,
+        }
+
+
+class RUD(Algorithm):
+    """Collect a block, learn on it, repeat. One ``train()`` call is one block."""
+
+    @staticmethod
+    def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> str | None:
+        """Why RUD cannot learn on these spaces, or None if it can."""
+        if not isinstance(action_space, gym.spaces.Box) or len(action_space.shape) != 1:
+            return f"RUD, TD3 and DDPG need continuous actions (a 1-D Box); this environment has {action_space}"
+        if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
+            return f"the action bounds must be finite to rescale [-1, 1] actions to them; got {action_space}"
+        if not isinstance(observation_space, gym.spaces.Box):
+            return f"observations must be a Box (a vector of numbers); this environment has {observation_space}"
+        return None
+
+    @classmethod
+    def get_default_config(cls) -> RUDConfig:
+        return RUDConfig()
+
+    def setup(self, config: RUDConfig) -> None:
+        super().setup(config)
+        self._update_credit = 0.0
+        self._shares_actor = self._share_actor_with_local_env_runner()
+
+    def _share_actor_with_local_env_runner(self) -> bool:
+        """Sampling in the driver with a driver-side Learner: act with the Learner's actor.
+
+        The local EnvRunner's actor and observation normaliser become the Learner's own
+        modules, so no weights are copied after updates (with one-step TD3 blocks, RLlib's
+        weight sync would cost as much as the update itself). Remote EnvRunners, and the
+        evaluation EnvRunners, still receive weights through RLlib's sync.
+        """
+        group = self.env_runner_group
+        if group.num_remote_env_runners() > 0 or not self.learner_group.is_local or group.local_env_runner is None:
+            return False
+        [learner_module] = [r.get() for r in self.learner_group.foreach_learner(lambda learner: learner.module[DEFAULT_MODULE_ID])]
+        runner_module = group.local_env_runner.module
+        runner_module.actor = learner_module.actor
+        runner_module.obs_norm = learner_module.obs_norm
+        return True
+
+    def training_step(self) -> None:
+        """Blocks of ``update_interval`` env steps, each followed by its updates, until the
+        iteration has ``min_sample_timesteps_per_iteration`` env steps (at least one block)."""
+        config: RUDConfig = self.config
+        lifetime = int(self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
+        sampled = 0
+        while True:
+            with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+                episodes = self._sample_block(int(config.update_interval))
+            steps = sum(len(episode) for episode in episodes)
+            # learn only on steps after the random warm-up; carry fractions so that over a run
+            # exactly updates_per_step updates happen per env step
+            self._update_credit += max(0, lifetime + steps - max(lifetime, config.learning_starts)) * config.updates_per_step
+            num_updates = int(self._update_credit)
+            self._update_credit -= num_updates
+            lifetime += steps
+            sampled += steps
+            transitions = episodes_to_transitions(episodes)
+            timesteps = {NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime}
+            with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+                results = self.learner_group.foreach_learner(
+                    lambda learner: learner.learn_block(transitions, num_updates, timesteps, reduce_metrics=False)
+                )
+                [result.get() for result in results]  # raise a Learner's error here
+            if num_updates and not self._shares_actor:
+                with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+                    self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+            if sampled >= (config.min_sample_timesteps_per_iteration or 0) or steps == 0:
+                break
+        self.metrics.aggregate(self._runner_metrics(), key=ENV_RUNNER_RESULTS)
+        learner_metrics = self.learner_group.foreach_learner(lambda learner: learner.metrics.reduce())
+        self.metrics.aggregate([result.get() for result in learner_metrics], key=LEARNER_RESULTS)
+
+    def _runner_metrics(self) -> list:
+        group = self.env_runner_group
+        if group.num_remote_env_runners() == 0:
+            return [group.local_env_runner.get_metrics()]
+        return group.foreach_env_runner(lambda runner: runner.get_metrics(), local_env_runner=False,
+                                        timeout_seconds=self.config.sample_timeout_s)
+
+    def _sample_block(self, num_steps: int) -> list:
+        """``num_steps`` env steps from the EnvRunners, split evenly over the healthy ones."""
+        group = self.env_runner_group
+        if group.num_remote_env_runners() == 0:
+            return group.local_env_runner.sample(num_timesteps=num_steps)
+        per_runner = math.ceil(num_steps / max(1, group.num_healthy_remote_workers()))
+        results = group.foreach_env_runner(
+            lambda runner: runner.sample(num_timesteps=per_runner),
+            local_env_runner=False,
+            timeout_seconds=self.config.sample_timeout_s,
+        )
+        return [episode for sampled in results for episode in sampled]
+
+    def get_state(self, *args, **kwargs) -> dict[str, Any]:
+        state = super().get_state(*args, **kwargs)
+        state["update_credit"] = self._update_credit
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self._update_credit = float(state.get("update_credit", 0.0))
+
+
+class TD3Config(RUDConfig):
+    """TD3 (Fujimoto et al., 2018): RUD with one env step per block."""
+
+    def __init__(self, algo_class: type | None = None):
+        super().__init__(algo_class=algo_class or TD3)
+        self.update_interval = 1
+        # one train() call covers 1000 env steps, as for RUD, instead of one step
+        self.min_sample_timesteps_per_iteration = 1000
+
+
+class TD3(RUD):
+    @classmethod
+    def get_default_config(cls) -> TD3Config:
+        return TD3Config()
+
+
+class DDPGConfig(TD3Config):
+    """DDPG as re-tuned in the TD3 paper: one critic, no target smoothing, no policy delay."""
+
+    def __init__(self, algo_class: type | None = None):
+        super().__init__(algo_class=algo_class or DDPG)
+        self.twin_q = False
+        self.policy_delay = 1
+        self.target_noise = 0.0
+
+
+class DDPG(RUD):
+    @classmethod
+    def get_default_config(cls) -> DDPGConfig:
+        return DDPGConfig()

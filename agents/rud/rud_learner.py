@@ -1,0 +1,171 @@
+"""The Learner of DDPG, TD3 and RUD: a replay buffer and a tight loop of TD3 updates.
+
+The Algorithm hands over one block of fresh transitions and the number of gradient updates
+to run (:meth:`RUDTorchLearner.learn_block`). The loop draws every minibatch index and all
+target-smoothing noise for the block up front and then does only tensor work per update:
+gather, target, critic step, and every ``policy_delay`` updates an actor step and a Polyak
+update of both target networks (one ``_foreach_lerp_``). Metrics are summed as tensors and
+reported once per block.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.core.rl_module.apis import TargetNetworkAPI
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+from agents.common.replay import TransitionBuffer
+from agents.rud.rud_rl_module import NEXT_OBS, Q_TARGET, Q_VALUES, SMOOTHING_NOISE
+
+TD_TARGET = "td_target"
+CRITIC_OPTIMIZER = "critic"
+ACTOR_OPTIMIZER = "actor"
+
+
+class RUDTorchLearner(TorchLearner):
+    def build(self) -> None:
+        super().build()
+        self.module.foreach_module(
+            lambda _, module: module.make_target_networks() if isinstance(module, TargetNetworkAPI) else None
+        )
+        module = self.module[DEFAULT_MODULE_ID]
+        self.replay = TransitionBuffer(self.config.replay_capacity, module.obs_dim, module.act_dim, self._device)
+        self.generator = torch.Generator(device=self._device)
+        self.generator.manual_seed(int(self.config.seed or 0) + 7919)
+        self.critic_updates = 0
+        self.actor_updates = 0
+        pairs = module.get_target_network_pairs()
+        self._online_params = [p for online, _ in pairs for p in online.parameters()]
+        self._target_params = [p for _, target in pairs for p in target.parameters()]
+
+    def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
+        module = self._module[module_id]
+        fused = self._device is None or torch.device(self._device).type in ("cpu", "cuda")
+        for name, network, lr in (
+            (CRITIC_OPTIMIZER, module.critic, config.critic_lr),
+            (ACTOR_OPTIMIZER, module.actor, config.actor_lr),
+        ):
+            params = list(network.parameters())
+            self.register_optimizer(
+                module_id=module_id,
+                optimizer_name=name,
+                optimizer=torch.optim.Adam(params, fused=fused),
+                params=params,
+                lr_or_lr_schedule=lr,
+            )
+
+    def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict[str, Any],
+                                fwd_out: dict[str, Any]) -> torch.Tensor:
+        """The critics' TD loss: sum over critics of mean (Q_i(s, a) - y)^2."""
+        return (fwd_out[Q_VALUES] - batch[TD_TARGET]).pow(2).mean(dim=1).sum()
+
+    def apply_learning_rate_schedules(self, timesteps: Mapping[str, Any]) -> None:
+        """Set every optimizer's rate from its schedule now, before the block's first update.
+
+        RLlib only applies schedules after an update, so the first update after a restore
+        (a PBT exploit with a perturbed rate, say) would still use the checkpoint's rate.
+        """
+        step = timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0)
+        for optimizer, schedule in self._optimizer_lr_schedules.items():
+            self._set_optimizer_lr(optimizer, lr=schedule.update(timestep=step))
+
+    def learn_block(self, transitions: Mapping[str, np.ndarray], num_updates: int,
+                    timesteps: Mapping[str, Any], reduce_metrics: bool = True) -> dict[str, Any] | None:
+        """Add one block of transitions to the replay buffer, then run ``num_updates`` updates.
+
+        Returns the reduced metrics, or None with ``reduce_metrics=False`` (the caller reduces
+        once after many small blocks, as TD3's one-step blocks need).
+        """
+        module = self.module[DEFAULT_MODULE_ID]
+        self.replay.add(transitions)
+        if transitions and module.normalize_observations:
+            module.obs_norm.update(torch.as_tensor(transitions["obs"], device=self._device))
+        self.apply_learning_rate_schedules(timesteps)
+        if num_updates > 0 and len(self.replay) > 0:
+            self._updates(module, num_updates)
+            self._weights_seq_no += 1
+        self.metrics.log_value((DEFAULT_MODULE_ID, "replay_size"), len(self.replay), reduce="mean", window=1)
+        self.metrics.log_value((DEFAULT_MODULE_ID, "num_updates"), num_updates, reduce="sum")
+        self.metrics.log_value((DEFAULT_MODULE_ID, "critic_updates_lifetime"), self.critic_updates, reduce="mean", window=1)
+        self.after_gradient_based_update(timesteps=dict(timesteps))
+        return self.metrics.reduce() if reduce_metrics else None
+
+    def _updates(self, module, num_updates: int) -> None:
+        config = self.config
+        batch_size = config.train_batch_size_per_learner
+        device = self._device
+        indices = torch.randint(0, len(self.replay), (num_updates, batch_size), generator=self.generator, device=device)
+        noise = None
+        if config.target_noise > 0:
+            noise = torch.randn(num_updates, batch_size, module.act_dim, generator=self.generator, device=device)
+            noise.mul_(config.target_noise).clamp_(-config.target_noise_clip, config.target_noise_clip)
+        critic_optimizer = self.get_optimizer(DEFAULT_MODULE_ID, CRITIC_OPTIMIZER)
+        actor_optimizer = self.get_optimizer(DEFAULT_MODULE_ID, ACTOR_OPTIMIZER)
+        module_config = self.config.get_config_for_module(DEFAULT_MODULE_ID)
+        gamma, tau, delay = config.gamma, config.tau, config.policy_delay
+        totals = torch.zeros(4, device=device)  # critic loss, Q mean, actor loss, target Q mean
+        actor_steps = 0
+        if not module.training:
+            module.train()
+        for update in range(num_updates):
+            batch = self.replay.gather(indices[update])
+            with torch.no_grad():
+                target_inputs = {NEXT_OBS: batch["next_obs"]}
+                if noise is not None:
+                    target_inputs[SMOOTHING_NOISE] = noise[update]
+                next_q = module.forward_target(target_inputs)[Q_TARGET]
+                td_target = batch["rewards"] + gamma * (1.0 - batch["terminateds"]) * next_q
+            fwd_out = module._forward_train({Columns.OBS: batch["obs"], Columns.ACTIONS: batch["actions"]})
+            critic_loss = self.compute_loss_for_module(
+                module_id=DEFAULT_MODULE_ID, config=module_config, batch={TD_TARGET: td_target}, fwd_out=fwd_out
+            )
+            critic_optimizer.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            critic_optimizer.step()
+            self.critic_updates += 1
+            totals[0] += critic_loss.detach()
+            totals[1] += fwd_out[Q_VALUES].detach().mean()
+            totals[3] += next_q.mean()
+            if self.critic_updates % delay == 0:
+                actor_loss = -module.policy_value(batch["obs"]).mean()
+                actor_optimizer.zero_grad(set_to_none=True)
+                actor_loss.backward()
+                actor_optimizer.step()
+                torch._foreach_lerp_(self._target_params, self._online_params, tau)
+                totals[2] += actor_loss.detach()
+                actor_steps += 1
+                self.actor_updates += 1
+        critic_loss, q_mean, actor_loss, target_mean = totals.tolist()
+        log = self.metrics.log_value
+        log((DEFAULT_MODULE_ID, "critic_loss"), critic_loss / num_updates, reduce="mean", window=1)
+        log((DEFAULT_MODULE_ID, "q_mean"), q_mean / num_updates, reduce="mean", window=1)
+        log((DEFAULT_MODULE_ID, "target_q_mean"), target_mean / num_updates, reduce="mean", window=1)
+        if actor_steps:
+            log((DEFAULT_MODULE_ID, "actor_loss"), actor_loss / actor_steps, reduce="mean", window=1)
+
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        # weight syncs ask for the rl_module only; checkpoints ask for everything
+        if self._check_component("update_counters", components, not_components):
+            state["update_counters"] = {"critic": self.critic_updates, "actor": self.actor_updates}
+            state["generator"] = self.generator.get_state()
+        if self.config.checkpoint_replay_buffer and self._check_component("replay_buffer", components, not_components):
+            state["replay_buffer"] = self.replay.get_state()
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        counters = state.get("update_counters")
+        if counters:
+            self.critic_updates = int(counters["critic"])
+            self.actor_updates = int(counters["actor"])
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        if "replay_buffer" in state:
+            self.replay.set_state(state["replay_buffer"])

@@ -1,0 +1,116 @@
+"""RLModule of the deterministic actor-critic family: actor, n critics, their targets.
+
+Actions live in [-1, 1] (tanh); RLlib's ``normalize_actions`` connector rescales them to
+the environment's bounds, so replay, targets and noise all work in the normalised space
+(exploration noise 0.1 = 10 % of each action's half-range, as in TD3).
+
+EnvRunners build the module with ``inference_only=True``: the actor and the observation
+normaliser only. The Learner's full module also holds the critics and both target nets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.utils import make_target_network
+from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, TargetNetworkAPI
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from torch import nn
+
+from agents.common.networks import DeterministicActor, FusedCritics, RunningNorm
+
+Q_VALUES = "q_values"
+Q_TARGET = "q_target"
+NEXT_OBS = "next_obs"
+SMOOTHING_NOISE = "smoothing_noise"
+
+DEFAULT_MODEL_CONFIG = {
+    "actor_hidden": [256, 256],
+    "critic_hidden": [256, 256],
+    "activation": "relu",
+    "twin_q": True,
+    "normalize_observations": False,
+    "exploration_noise": 0.1,
+    "learning_starts": 25_000,
+}
+
+
+class RUDTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
+    """mu(s) and Q_1..Q_n(s, a) with target copies, for DDPG, TD3 and RUD."""
+
+    def setup(self) -> None:
+        config = {**DEFAULT_MODEL_CONFIG, **(self.model_config or {})}
+        if not isinstance(self.action_space, gym.spaces.Box) or len(self.action_space.shape) != 1:
+            raise ValueError(f"needs a 1-D continuous (Box) action space; got {self.action_space}")
+        if not isinstance(self.observation_space, gym.spaces.Box):
+            raise ValueError(f"needs a Box observation space; got {self.observation_space}")
+        self.obs_dim = int(np.prod(self.observation_space.shape))
+        self.act_dim = int(self.action_space.shape[0])
+        self.exploration_noise = float(config["exploration_noise"])
+        self.learning_starts = int(config["learning_starts"])
+        self.normalize_observations = bool(config["normalize_observations"])
+        self.obs_norm = RunningNorm(self.obs_dim) if self.normalize_observations else nn.Identity()
+        self.actor = DeterministicActor(self.obs_dim, self.act_dim, config["actor_hidden"], config["activation"])
+        if not self.inference_only:
+            self.critic = FusedCritics(
+                self.obs_dim, self.act_dim, config["critic_hidden"],
+                num_critics=2 if config["twin_q"] else 1, activation=config["activation"],
+            )
+
+    # ---------------------------------------------------------------- acting
+
+    def _observations(self, batch: dict[str, Any], key: str = Columns.OBS) -> torch.Tensor:
+        obs = batch[key]
+        return self.obs_norm(obs.reshape(obs.shape[0], -1).float())
+
+    def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        """The deterministic policy (evaluation)."""
+        return {Columns.ACTIONS: self.actor(self._observations(batch))}
+
+    def _forward_exploration(self, batch: dict[str, Any], t: int = 0, **kwargs) -> dict[str, Any]:
+        """Uniform random actions before ``learning_starts`` env steps, then mu(s) + N(0, sigma)."""
+        obs = self._observations(batch)
+        if t < self.learning_starts:
+            return {Columns.ACTIONS: torch.rand(obs.shape[0], self.act_dim, device=obs.device) * 2 - 1}
+        action = self.actor(obs)
+        noise = torch.randn_like(action) * self.exploration_noise
+        return {Columns.ACTIONS: (action + noise).clamp(-1.0, 1.0)}
+
+    # ---------------------------------------------------------------- learning
+
+    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        """Q_i(s, a) of every critic for the batch's transitions, shape ``[n, batch]``."""
+        return {Q_VALUES: self.critic(self._observations(batch), batch[Columns.ACTIONS])}
+
+    def forward_target(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """min_i Q'_i(s', clip(mu'(s') + noise)): the clipped double-Q target value (before r, gamma).
+
+        With one critic this is plain Q'(s', mu'(s') + noise), DDPG's target.
+        """
+        next_obs = self._observations(batch, NEXT_OBS)
+        next_action = self.target_actor(next_obs)
+        noise = batch.get(SMOOTHING_NOISE)
+        if noise is not None:
+            next_action = (next_action + noise).clamp(-1.0, 1.0)
+        return {Q_TARGET: self.target_critic(next_obs, next_action).min(0).values}
+
+    def policy_value(self, obs: torch.Tensor) -> torch.Tensor:
+        """Q_1(s, mu(s)) with gradients to the actor only (the critic's weights are detached)."""
+        normalized = self.obs_norm(obs)
+        return self.critic(normalized, self.actor(normalized), first_only=True, detach_parameters=True)[0]
+
+    # ---------------------------------------------------------------- RLlib APIs
+
+    def make_target_networks(self) -> None:
+        self.target_actor = make_target_network(self.actor)
+        self.target_critic = make_target_network(self.critic)
+
+    def get_target_network_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.actor, self.target_actor), (self.critic, self.target_critic)]
+
+    def get_non_inference_attributes(self) -> list[str]:
+        return ["critic", "target_actor", "target_critic"]

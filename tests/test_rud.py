@@ -1,0 +1,265 @@
+"""RUD, TD3 and DDPG on a real Ray: the block schedule, checkpoints, EnvRunners, learning."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import ray
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
+
+from agents.rud import DDPGConfig, RUD, RUDConfig, TD3Config
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+TINY_MODEL = {"actor_hidden": [32, 32], "critic_hidden": [32, 32]}
+
+
+def tiny(config_class=RUDConfig, **training):
+    settings = {"update_interval": 100, "learning_starts": 150, "train_batch_size_per_learner": 32, **training}
+    return (
+        config_class()
+        .environment("Pendulum-v1")
+        .training(**settings)
+        .rl_module(model_config=TINY_MODEL)
+        .debugging(seed=0)
+    )
+
+
+def learner_of(algo):
+    [learner] = [r.get() for r in algo.learner_group.foreach_learner(lambda learner: learner)]
+    return learner
+
+
+def greedy(algo, obs):
+    module = learner_of(algo).module[DEFAULT_MODULE_ID]
+    with torch.no_grad():
+        return module._forward_inference({Columns.OBS: torch.as_tensor(obs, dtype=torch.float32)})[Columns.ACTIONS].numpy()
+
+
+def test_each_block_runs_interval_times_updates_per_step_updates():
+    algo = tiny(updates_per_step=2.0).build_algo()
+    try:
+        learner = learner_of(algo)
+        counts = []
+        for _ in range(4):
+            result = algo.train()
+            counts.append(result["learners"][DEFAULT_MODULE_ID]["num_updates"])
+        # blocks of 100 steps; the first 150 steps are warm-up; then 2 updates per step
+        assert counts == [0, 100, 200, 200]
+        assert learner.critic_updates == 500
+        assert learner.actor_updates == 250  # policy_delay 2
+        assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 400
+        assert len(learner.replay) == 400
+    finally:
+        algo.stop()
+
+
+def test_fractional_updates_per_step_are_carried_between_blocks():
+    algo = tiny(update_interval=30, learning_starts=0, updates_per_step=0.25).build_algo()
+    try:
+        counts = [algo.train()["learners"][DEFAULT_MODULE_ID]["num_updates"] for _ in range(4)]
+        assert counts == [7, 8, 7, 8]  # 7.5 per block on average, none lost
+    finally:
+        algo.stop()
+
+
+def test_actor_step_moves_targets_by_polyak_average():
+    algo = tiny(learning_starts=0, update_interval=64, tau=0.25).build_algo()
+    try:
+        algo.train()  # fill the buffer and learn once
+        learner = learner_of(algo)
+        module = learner.module[DEFAULT_MODULE_ID]
+        target_before = [p.clone() for p in module.target_critic.parameters()]
+        transitions = {k: v[:0].cpu().numpy() for k, v in learner.replay.storage.items()}
+        learner.learn_block(transitions, 2, {})  # 2 critic updates -> 1 actor and target update
+        for before, online, after in zip(target_before, module.critic.parameters(), module.target_critic.parameters()):
+            torch.testing.assert_close(after, 0.75 * before + 0.25 * online)
+    finally:
+        algo.stop()
+
+
+def test_td3_and_ddpg_presets():
+    td3 = TD3Config()
+    assert (td3.update_interval, td3.twin_q, td3.policy_delay, td3.target_noise) == (1, True, 2, 0.2)
+    ddpg = DDPGConfig()
+    assert (ddpg.update_interval, ddpg.twin_q, ddpg.policy_delay, ddpg.target_noise) == (1, False, 1, 0.0)
+    algo = tiny(DDPGConfig, update_interval=1, learning_starts=10).reporting(min_sample_timesteps_per_iteration=40).build_algo()
+    try:
+        result = algo.train()
+        learner = learner_of(algo)
+        assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 40  # 40 one-step blocks
+        assert learner.critic_updates == 30 and learner.actor_updates == 30  # no delay
+        assert learner.module[DEFAULT_MODULE_ID].critic.num_critics == 1
+    finally:
+        algo.stop()
+
+
+class ActionProbe(gym.Env):
+    """Reports in ``info`` the action it received; asymmetric bounds [-3, 5]."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(np.array([-3.0, 0.0], np.float32), np.array([5.0, 1.0], np.float32))
+
+    def __init__(self, config=None):
+        super().__init__()
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {"received": np.array(action, np.float32)}
+
+
+def test_actions_are_rescaled_to_the_env_bounds():
+    config = tiny(learning_starts=300, update_interval=200).environment(ActionProbe)
+    algo = config.build_algo()
+    try:
+        algo.train()
+        episodes = algo.env_runner_group.local_env_runner.sample(num_timesteps=300)
+        low, high = ActionProbe.action_space.low, ActionProbe.action_space.high
+        for episode in episodes:
+            normalized = np.asarray(episode.get_actions())
+            received = np.stack([info["received"] for info in episode.get_infos()[1:]])
+            assert np.abs(normalized).max() <= 1.0  # the module and the replay work in [-1, 1]
+            np.testing.assert_allclose(received, low + (normalized + 1) / 2 * (high - low), atol=1e-5)
+        stored = learner_of(algo).replay.storage["actions"][:200]
+        assert stored.abs().max() <= 1.0 and stored.abs().max() > 0.9  # random warm-up spans the box
+    finally:
+        algo.stop()
+
+
+def test_checkpoint_restores_actions_counters_and_replay(tmp_path):
+    config = tiny(learning_starts=100, checkpoint_replay_buffer=True, normalize_observations=True)
+    algo = config.build_algo()
+    obs = np.random.default_rng(0).normal(size=(16, 3))
+    try:
+        for _ in range(3):
+            algo.train()
+        algo.save_to_path(str(tmp_path / "ckpt"))
+        before = greedy(algo, obs)
+        learner = learner_of(algo)
+        counters = (learner.critic_updates, learner.actor_updates, len(learner.replay))
+        stats = learner.module[DEFAULT_MODULE_ID].obs_norm.mean.clone()
+    finally:
+        algo.stop()
+    restored = RUD.from_checkpoint(str(tmp_path / "ckpt"))
+    try:
+        np.testing.assert_array_equal(greedy(restored, obs), before)
+        learner = learner_of(restored)
+        assert (learner.critic_updates, learner.actor_updates, len(learner.replay)) == counters
+        torch.testing.assert_close(learner.module[DEFAULT_MODULE_ID].obs_norm.mean, stats)
+        # the EnvRunner acts with the restored policy too
+        runner_module = restored.env_runner_group.local_env_runner.module
+        with torch.no_grad():
+            runner_actions = runner_module._forward_inference({Columns.OBS: torch.as_tensor(obs, dtype=torch.float32)})
+        np.testing.assert_array_equal(runner_actions[Columns.ACTIONS].numpy(), before)
+        result = restored.train()  # and training continues where it stopped
+        assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 400
+        assert learner.critic_updates == counters[0] + 100
+    finally:
+        restored.stop()
+
+
+def test_replay_is_left_out_of_checkpoints_by_default(tmp_path):
+    algo = tiny().build_algo()
+    try:
+        algo.train()
+        algo.save_to_path(str(tmp_path / "ckpt"))
+    finally:
+        algo.stop()
+    restored = RUD.from_checkpoint(str(tmp_path / "ckpt"))
+    try:
+        assert len(learner_of(restored).replay) == 0
+    finally:
+        restored.stop()
+
+
+def test_remote_env_runners_with_vector_envs_sample_one_block():
+    config = tiny(learning_starts=0, update_interval=120).env_runners(num_env_runners=2, num_envs_per_env_runner=2)
+    algo = config.build_algo()
+    try:
+        result = algo.train()
+        assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 120
+        assert result["learners"][DEFAULT_MODULE_ID]["num_updates"] == 120
+        # the runners act with the Learner's updated actor
+        learner_state = learner_of(algo).module[DEFAULT_MODULE_ID].actor.state_dict()
+        runner_states = algo.env_runner_group.foreach_env_runner(
+            lambda runner: runner.module.actor.state_dict(), local_env_runner=False)
+        for state in runner_states:
+            for key, value in learner_state.items():
+                np.testing.assert_allclose(np.asarray(state[key]), value.numpy())
+    finally:
+        algo.stop()
+
+
+def test_a_killed_env_runner_is_replaced_and_training_continues():
+    config = tiny(learning_starts=0, update_interval=100).env_runners(num_env_runners=2)
+    config.fault_tolerance(restart_failed_env_runners=True)
+    algo = config.build_algo()
+    try:
+        algo.train()
+        learner = learner_of(algo)
+        updates = learner.critic_updates
+        victim = algo.env_runner_group._worker_manager._actors[1]
+        ray.kill(victim, no_restart=False)  # a crash: Ray restarts the actor process
+        for _ in range(10):  # RLlib probes unhealthy runners between iterations
+            result = algo.train()
+            if algo.env_runner_group.num_healthy_remote_workers() == 2:
+                break
+        assert result["fault_tolerance"]["num_remote_worker_restarts"] >= 1
+        assert algo.env_runner_group.num_healthy_remote_workers() == 2
+        assert learner.critic_updates > updates  # the Learner kept its state throughout
+        result = algo.train()  # and both runners sample the next block
+        assert result["env_runners"]["num_env_steps_sampled"] == 100
+    finally:
+        algo.stop()
+
+
+def test_rud_learns_pendulum():
+    config = (
+        RUDConfig()
+        .environment("Pendulum-v1")
+        .training(update_interval=200, learning_starts=1000)
+        .debugging(seed=0)
+        .evaluation(evaluation_interval=2**31 - 1, evaluation_duration=10, evaluation_duration_unit="episodes",
+                    evaluation_config=RUDConfig.overrides(explore=False))
+    )
+    algo = config.build_algo()
+    try:
+        while algo.train()["env_runners"]["num_env_steps_sampled_lifetime"] < 6000:
+            pass
+        returns = algo.evaluate()["env_runners"]["episode_return_mean"]
+        assert returns > -400, returns  # random policy: about -1200; solved: about -150
+    finally:
+        algo.stop()
+
+
+def test_a_restored_learner_trains_with_its_new_learning_rates(tmp_path):
+    """PBT's exploit restores a checkpoint into a config with perturbed rates: the very
+    first update must already use the new rates, not the checkpoint's."""
+    algo = tiny(learning_starts=0, actor_lr=1e-3, critic_lr=1e-3).build_algo()
+    try:
+        algo.train()
+        algo.save_to_path(str(tmp_path / "ckpt"))
+    finally:
+        algo.stop()
+    perturbed = tiny(learning_starts=0, actor_lr=2e-4, critic_lr=5e-4).build_algo()
+    try:
+        perturbed.restore_from_path(str(tmp_path / "ckpt"))
+        learner = learner_of(perturbed)
+        seen = []
+        original = learner._updates
+
+        def spy(module, num_updates):
+            seen.extend(group["lr"] for opt in learner._named_optimizers.values() for group in opt.param_groups)
+            return original(module, num_updates)
+
+        learner._updates = spy
+        perturbed.train()
+        assert sorted(seen) == [2e-4, 5e-4]
+    finally:
+        perturbed.stop()
