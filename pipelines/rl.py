@@ -31,7 +31,7 @@ EVALUATE_ON_DEMAND = 2**31 - 1
 """RLlib only builds evaluation EnvRunners when an interval is set; this one never fires,
 so evaluation runs exactly when this pipeline calls ``Algorithm.evaluate`` (by env steps)."""
 
-CONFIG_SECTIONS = {"env_runners": "env_runners", "training": "training", "learners": "learners"}
+CONFIG_SECTIONS = {"env_runners": "env_runners", "training": "training", "learners": "learners", "reporting": "reporting"}
 """Spec section -> AlgorithmConfig method it is passed to."""
 
 DISCRETE_ONLY = {"DQN"}
@@ -103,6 +103,9 @@ class RLSpec(ExperimentSpec):
     """Arguments of ``AlgorithmConfig.learners`` (num_learners, num_gpus_per_learner, ...)."""
     model: dict[str, Any] = Field(default_factory=dict)
     """The RLModule's ``model_config`` (fcnet_hiddens, fcnet_activation, ...)."""
+    reporting: dict[str, Any] = Field(default_factory=dict)
+    """Arguments of ``AlgorithmConfig.reporting`` (min_sample_timesteps_per_iteration: the env
+    steps one iteration covers, i.e. how often metrics are reported and stop conditions checked)."""
     stop: StopConditions
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
@@ -240,6 +243,11 @@ def _episode_stats(env_runner_metrics: dict[str, Any], prefix: str) -> dict[str,
     return out
 
 
+_LEARNER_BOOKKEEPING = ("throughput", "timer", "weights_seq_no", "module_steps", "trainable_parameters",
+                        "diff_num_grad_updates")
+"""RLlib learner statistics that are counters or timings, not learning signals."""
+
+
 def extract_metrics(result: dict[str, Any]) -> dict[str, float]:
     """Flat, stable metric names from an RLlib result dict."""
     runners = result.get("env_runners", {})
@@ -258,7 +266,7 @@ def extract_metrics(result: dict[str, Any]) -> dict[str, float]:
     for module_id, stats in learners.items():
         prefix = "learner" if len(learners) == 1 else f"learner/{module_id}"
         for key, value in stats.items():
-            if "throughput" in key or "timer" in key or "num_" in key or "weights_seq_no" in key:
+            if any(part in key for part in _LEARNER_BOOKKEEPING):
                 continue
             number = _scalar(value)
             if number is not None:
@@ -269,6 +277,23 @@ def extract_metrics(result: dict[str, Any]) -> dict[str, float]:
 def evaluation_metrics(result: dict[str, Any]) -> dict[str, float]:
     evaluation = result.get("evaluation", result)
     return _episode_stats(evaluation.get("env_runners", {}), "evaluation")
+
+
+def lifetime_env_steps(algo) -> int:
+    return int(algo.metrics.peek(("env_runners", "num_env_steps_sampled_lifetime"), default=0) or 0)
+
+
+def restore_with_configured_learning_rates(algo, path: str) -> None:
+    """``algo.restore_from_path`` whose Learners then use the config's learning rates.
+
+    PBT restores a checkpoint into a config with perturbed hyperparameters; without this the
+    first update after the restore trains with the checkpoint's rates.
+    """
+    from agents.common.learning_rates import apply_learning_rate_schedules
+
+    algo.restore_from_path(path)
+    steps = lifetime_env_steps(algo)
+    algo.learner_group.foreach_learner(lambda learner: apply_learning_rate_schedules(learner, steps))
 
 
 @register
@@ -324,11 +349,11 @@ class RLPipeline(Pipeline):
 
     def _train(self, algo, spec: RLSpec, session: Session) -> dict[str, Any]:
         if session.restore_from:
-            algo.restore_from_path(session.restore_from)
+            restore_with_configured_learning_rates(algo, session.restore_from)
         evaluation = spec.evaluation
         stop = spec.stop
         started = time.monotonic()
-        env_steps = int(algo.metrics.peek(("env_runners", "num_env_steps_sampled_lifetime"), default=0) or 0)
+        env_steps = lifetime_env_steps(algo)
         best_eval: float | None = None
         last_eval_step: int | None = None
         metrics: dict[str, float] = {}

@@ -158,3 +158,57 @@ def test_runs_command_lists_recorded_runs(first_run):
     assert outcome.run_id in result.output and "evaluation/return_mean" in result.output
     missing = CliRunner().invoke(app, ["runs", "--tracking-uri", uri, "--experiment", "nope"])
     assert missing.exit_code == 2 and "no MLflow experiment 'nope'" in missing.output
+
+
+def test_restore_applies_the_configured_learning_rate_before_any_update(first_run):
+    from pipelines.rl import build_algorithm_config, restore_with_configured_learning_rates
+
+    directory, loaded, outcome = first_run
+    perturbed = load_spec(loaded.source, ["training.lr=0.0002"]).spec
+    algo = build_algorithm_config(perturbed).build_algo()
+    try:
+        restore_with_configured_learning_rates(algo, outcome.checkpoint)
+        [rates] = [r.get() for r in algo.learner_group.foreach_learner(
+            lambda learner: [g["lr"] for o in learner._named_optimizers.values() for g in o.param_groups])]
+        assert rates == [pytest.approx(0.0002)]  # the checkpoint was trained with 0.001
+    finally:
+        algo.stop()
+
+
+TINY_RUD = """\
+kind: rl
+name: tiny-rud
+algorithm: {algorithm}
+env: Pendulum-v1
+training:
+  update_interval: {interval}
+  learning_starts: 200
+  train_batch_size_per_learner: 32
+model:
+  actor_hidden: [32, 32]
+  critic_hidden: [32, 32]
+stop:
+  env_steps: 600
+evaluation:
+  every_env_steps: 300
+  episodes: 2
+checkpoint:
+  every_iterations: 100
+reporting:
+  min_sample_timesteps_per_iteration: 100
+"""
+
+
+@pytest.mark.parametrize("algorithm,interval", [("RUD", 100), ("TD3", 1), ("DDPG", 1)])
+def test_rud_family_runs_as_the_rl_kind(workdir, algorithm, interval):
+    spec = load_spec(write_spec(workdir, "rud.yaml", TINY_RUD.format(algorithm=algorithm, interval=interval)))
+    outcome = run_local(spec)
+    client = MlflowClient(outcome.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["algorithm"] == algorithm
+    metrics = run.data.metrics
+    assert metrics["env_steps"] == 600
+    assert metrics["learner/num_updates"] > 0 and np.isfinite(metrics["learner/critic_loss"])
+    assert "learner/actor_loss" in metrics and "learner/q_mean" in metrics
+    assert [step for step, _ in history(client, outcome.run_id, "evaluation/return_mean")] == [0, 300, 600]
+    assert "checkpoint/rllib_checkpoint.json" in artifacts(client, outcome.run_id)

@@ -136,6 +136,35 @@ def test_discrete_algorithm_on_continuous_env(tmp_path):
     assert "DQN needs a discrete action space" in message and "Pendulum-v1" in message
 
 
+RUD_SPEC = """\
+kind: rl
+algorithm: RUD
+env: {env}
+stop: {{env_steps: 1000}}
+"""
+
+
+def test_rud_refuses_discrete_actions(tmp_path):
+    [message] = problems(tmp_path, RUD_SPEC.format(env="CartPole-v1"))
+    assert message.startswith("line 3: env: RUD cannot run on CartPole-v1")
+    assert "need continuous actions (a 1-D Box)" in message and "Discrete(2)" in message
+
+
+def test_rud_training_arguments_are_checked(tmp_path):
+    text = RUD_SPEC.format(env="HalfCheetah-v5") + "training:\n  update_intervall: 500\n"
+    [message] = problems(tmp_path, text)
+    assert "training.update_intervall" in message and "did you mean 'update_interval'" in message
+    [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5"), ["training.policy_delay=0"])
+    assert "policy_delay must be >= 1" in message
+    [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5"), ["learners.num_learners=2"])
+    assert "num_learners must be 0" in message
+
+
+def test_unknown_mujoco_env_lists_close_matches(tmp_path):
+    [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheeta-v5"))
+    assert "unknown gymnasium environment 'HalfCheeta-v5'" in message and "'HalfCheetah-v5'" in message
+
+
 def test_stop_needs_a_budget(tmp_path):
     [message] = problems(tmp_path, tiny_ppo().replace("  env_steps: 1500", "  target_return: 100"))
     assert message.startswith("line") and "stop: give a budget" in message

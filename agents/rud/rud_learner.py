@@ -20,6 +20,7 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.core.rl_module.apis import TargetNetworkAPI
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
+from agents.common.learning_rates import apply_learning_rate_schedules
 from agents.common.replay import TransitionBuffer
 from agents.rud.rud_rl_module import NEXT_OBS, Q_TARGET, Q_VALUES, SMOOTHING_NOISE
 
@@ -65,16 +66,6 @@ class RUDTorchLearner(TorchLearner):
         """The critics' TD loss: sum over critics of mean (Q_i(s, a) - y)^2."""
         return (fwd_out[Q_VALUES] - batch[TD_TARGET]).pow(2).mean(dim=1).sum()
 
-    def apply_learning_rate_schedules(self, timesteps: Mapping[str, Any]) -> None:
-        """Set every optimizer's rate from its schedule now, before the block's first update.
-
-        RLlib only applies schedules after an update, so the first update after a restore
-        (a PBT exploit with a perturbed rate, say) would still use the checkpoint's rate.
-        """
-        step = timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0)
-        for optimizer, schedule in self._optimizer_lr_schedules.items():
-            self._set_optimizer_lr(optimizer, lr=schedule.update(timestep=step))
-
     def learn_block(self, transitions: Mapping[str, np.ndarray], num_updates: int,
                     timesteps: Mapping[str, Any], reduce_metrics: bool = True) -> dict[str, Any] | None:
         """Add one block of transitions to the replay buffer, then run ``num_updates`` updates.
@@ -86,7 +77,8 @@ class RUDTorchLearner(TorchLearner):
         self.replay.add(transitions)
         if transitions and module.normalize_observations:
             module.obs_norm.update(torch.as_tensor(transitions["obs"], device=self._device))
-        self.apply_learning_rate_schedules(timesteps)
+        # before the first update, not after it as RLlib does (see apply_learning_rate_schedules)
+        apply_learning_rate_schedules(self, timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
         if num_updates > 0 and len(self.replay) > 0:
             self._updates(module, num_updates)
             self._weights_seq_no += 1
