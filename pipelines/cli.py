@@ -221,9 +221,7 @@ def cluster_up(file: Path = typer.Argument(Path("cluster.yaml")), yes: bool = ty
     """Validate, then `ray up` the cluster."""
     from pipelines.cluster import ray_cluster_command
 
-    code = ray_cluster_command("up", file, ["--yes"] if yes else [])
-    if code:
-        raise RunFailed(f"ray up exited with {code}")
+    ray_cluster_command("up", file, ["--yes"] if yes else [])
 
 
 @cluster_app.command("down")
@@ -232,9 +230,7 @@ def cluster_down(file: Path = typer.Argument(Path("cluster.yaml")), yes: bool = 
     """Validate, then `ray down` the cluster."""
     from pipelines.cluster import ray_cluster_command
 
-    code = ray_cluster_command("down", file, ["--yes"] if yes else [])
-    if code:
-        raise RunFailed(f"ray down exited with {code}")
+    ray_cluster_command("down", file, ["--yes"] if yes else [])
 
 
 @app.command()

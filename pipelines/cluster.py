@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from pipelines.errors import BadInput, Problem, SpecError
+from pipelines.errors import BadInput, Problem, RunFailed, SpecError
 from pipelines.spec import RaySettings, _line_for, _line_map
 
 REACH_TIMEOUT_S = 5.0
@@ -184,9 +184,11 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def ray_cluster_command(action: str, path: str | Path, extra: list[str]) -> int:
-    """Run ``ray up``/``ray down`` on a validated file; returns its exit code."""
+def ray_cluster_command(action: str, path: str | Path, extra: list[str]) -> None:
+    """Run ``ray up``/``ray down`` on a validated file; :class:`RunFailed` if it fails."""
     validate_cluster_file(path)
     ray_cli = Path(sys.executable).with_name("ray")
     command = [str(ray_cli) if ray_cli.exists() else "ray", action, str(path), *extra]
-    return subprocess.call(command)
+    code = subprocess.call(command)
+    if code:
+        raise RunFailed(f"ray {action} exited with {code}")

@@ -93,14 +93,41 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float, log: P
     raise RuntimeError(f"nothing listened on {port} within {timeout_s}s:\n{log.read_text()[-3000:]}")
 
 
-class RayHead:
+class ServiceProcess:
+    """A server started in its own process session; a context manager that stops it all."""
+
+    ready_port: int
+    startup_s: float = 90
+
+    def launch(self, command: list[str], log: Path, cwd: Path | None = None) -> None:
+        self.log = log
+        self.process = subprocess.Popen(
+            command, cwd=cwd, env=subprocess_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def __enter__(self):
+        try:
+            wait_for_port(self.ready_port, self.process, self.startup_s, self.log)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        stop_session(self.process)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RayHead(ServiceProcess):
     """A real Ray head (``ray start --head --block``) on free ports, bound to 127.0.0.1."""
 
     def __init__(self, num_cpus: int = 2):
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rsh-", dir="/tmp"))  # short: unix socket paths
         self.gcs_port = free_port()
-        self.dashboard_port = free_port()
-        self.log = self.temp_dir / "head.log"
+        self.dashboard_port = self.ready_port = free_port()
         ports = {
             "--port": self.gcs_port,
             "--dashboard-port": self.dashboard_port,
@@ -117,60 +144,28 @@ class RayHead:
                    "--include-dashboard", "true", "--temp-dir", str(self.temp_dir)]
         for flag, port in ports.items():
             command += [flag, str(port)]
-        self.process = subprocess.Popen(
-            command, env=subprocess_env(), stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        self.launch(command, self.temp_dir / "head.log")
 
     @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def __enter__(self) -> "RayHead":
-        try:
-            wait_for_port(self.dashboard_port, self.process, 90, self.log)
-        except Exception:
-            self.stop()
-            raise
-        return self
 
-    def stop(self) -> None:
-        stop_session(self.process)
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class MlflowServer:
+class MlflowServer(ServiceProcess):
     """A real ``mlflow server``: SQLite backend, local artifact store, 127.0.0.1, free port."""
 
+    startup_s = 120
+
     def __init__(self, directory: Path):
-        self.port = free_port()
-        self.log = directory / "mlflow-server.log"
+        self.port = self.ready_port = free_port()
         command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                    "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
                    "--artifacts-destination", str(directory / "server-artifacts"), "--workers", "1"]
-        self.process = subprocess.Popen(
-            command, cwd=directory, env=subprocess_env(), stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.launch(command, directory / "mlflow-server.log", cwd=directory)
 
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "MlflowServer":
-        try:
-            wait_for_port(self.port, self.process, 120, self.log)
-        except Exception:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        stop_session(self.process)
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def write_spec(directory: Path, name: str, text: str) -> Path:

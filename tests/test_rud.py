@@ -58,7 +58,7 @@ def test_each_block_runs_interval_times_updates_per_step_updates():
 
 
 def test_fractional_updates_per_step_are_carried_between_blocks():
-    algo = tiny(update_interval=30, learning_starts=0, updates_per_step=0.25).build_algo()
+    algo = tiny(update_interval=50, learning_starts=0, updates_per_step=0.15).build_algo()
     try:
         counts = [algo.train()["learners"][DEFAULT_MODULE_ID]["num_updates"] for _ in range(4)]
         assert counts == [7, 8, 7, 8]  # 7.5 per block on average, none lost
@@ -74,9 +74,12 @@ def test_actor_step_moves_targets_by_polyak_average():
         module = learner.module[DEFAULT_MODULE_ID]
         target_before = [p.clone() for p in module.target_critic.parameters()]
         transitions = {k: v[:0].cpu().numpy() for k, v in learner.replay.storage.items()}
-        learner.learn_block(transitions, 2, {})  # 2 critic updates -> 1 actor and target update
+        assert learner.learn_block(transitions, 2, {}) == 2  # 2 critic updates -> 1 actor and target update
         for before, online, after in zip(target_before, module.critic.parameters(), module.target_critic.parameters()):
             torch.testing.assert_close(after, 0.75 * before + 0.25 * online)
+        # the targets stay outside autograd (a graph through them would grow with every update)
+        for target in [*module.target_critic.parameters(), *module.target_actor.parameters()]:
+            assert not target.requires_grad and target.grad_fn is None
     finally:
         algo.stop()
 
@@ -86,12 +89,12 @@ def test_td3_and_ddpg_presets():
     assert (td3.update_interval, td3.twin_q, td3.policy_delay, td3.target_noise) == (1, True, 2, 0.2)
     ddpg = DDPGConfig()
     assert (ddpg.update_interval, ddpg.twin_q, ddpg.policy_delay, ddpg.target_noise) == (1, False, 1, 0.0)
-    algo = tiny(DDPGConfig, update_interval=1, learning_starts=10).reporting(min_sample_timesteps_per_iteration=40).build_algo()
+    algo = tiny(DDPGConfig, update_interval=1, learning_starts=40).reporting(min_sample_timesteps_per_iteration=80).build_algo()
     try:
         result = algo.train()
         learner = learner_of(algo)
-        assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 40  # 40 one-step blocks
-        assert learner.critic_updates == 30 and learner.actor_updates == 30  # no delay
+        assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 80  # 80 one-step blocks
+        assert learner.critic_updates == 40 and learner.actor_updates == 40  # no delay
         assert learner.module[DEFAULT_MODULE_ID].critic.num_critics == 1
     finally:
         algo.stop()
@@ -112,6 +115,17 @@ class ActionProbe(gym.Env):
 
     def step(self, action):
         return self.observation_space.sample(), 0.0, False, False, {"received": np.array(action, np.float32)}
+
+
+def test_td3_warm_up_ends_exactly_at_learning_starts():
+    algo = tiny(TD3Config, update_interval=1, learning_starts=50).reporting(min_sample_timesteps_per_iteration=100).build_algo()
+    try:
+        algo.train()  # one iteration of 100 one-step blocks
+        actions = learner_of(algo).replay.storage["actions"][:100, 0]
+        assert actions[:50].std() > 0.4  # uniform on [-1, 1]
+        assert actions[50:].abs().max() < 0.9 and actions[50:].std() < 0.3  # the policy, plus noise 0.1
+    finally:
+        algo.stop()
 
 
 def test_actions_are_rescaled_to_the_env_bounds():
@@ -174,6 +188,9 @@ def test_replay_is_left_out_of_checkpoints_by_default(tmp_path):
     restored = RUD.from_checkpoint(str(tmp_path / "ckpt"))
     try:
         assert len(learner_of(restored).replay) == 0
+        # no learning on a near-empty buffer: refill learning_starts (150) transitions first
+        counts = [restored.train()["learners"][DEFAULT_MODULE_ID]["num_updates"] for _ in range(2)]
+        assert counts == [0, 100]
     finally:
         restored.stop()
 
@@ -192,6 +209,22 @@ def test_remote_env_runners_with_vector_envs_sample_one_block():
         for state in runner_states:
             for key, value in learner_state.items():
                 np.testing.assert_allclose(np.asarray(state[key]), value.numpy())
+    finally:
+        algo.stop()
+
+
+def test_a_remote_learner_trains_and_feeds_the_env_runner():
+    """num_learners=1: the Learner (and its replay buffer) is a Ray actor, e.g. on a GPU node."""
+    algo = tiny(learning_starts=0, update_interval=100).learners(num_learners=1).build_algo()
+    try:
+        for _ in range(2):
+            result = algo.train()
+        assert result["learners"][DEFAULT_MODULE_ID]["num_updates"] == 100
+        assert result["learners"][DEFAULT_MODULE_ID]["replay_size"] == 200
+        weights = algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
+        runner_actor = algo.env_runner_group.local_env_runner.module.actor.state_dict()
+        for key, value in runner_actor.items():
+            np.testing.assert_allclose(value.numpy(), np.asarray(weights[f"actor.{key}"]))
     finally:
         algo.stop()
 
@@ -263,3 +296,21 @@ def test_a_restored_learner_trains_with_its_new_learning_rates(tmp_path):
         assert sorted(seen) == [2e-4, 5e-4]
     finally:
         perturbed.stop()
+
+
+def test_registered_for_tune_by_name(tmp_path):
+    from ray import tune
+
+    import agents.rud  # noqa: F401  (registers RUD, TD3 and DDPG with Tune)
+
+    config = tiny(learning_starts=0, update_interval=50).to_dict()
+    tuner = tune.Tuner(
+        "RUD",
+        param_space={**config, "tau": tune.grid_search([0.005, 0.01])},
+        run_config=tune.RunConfig(storage_path=str(tmp_path), stop={"training_iteration": 2}, verbose=0),
+    )
+    results = tuner.fit()
+    assert results.num_errors == 0 and len(results) == 2
+    for result in results:
+        assert result.metrics["env_runners"]["num_env_steps_sampled_lifetime"] == 100
+        assert result.metrics["learners"][DEFAULT_MODULE_ID]["num_updates"] == 50

@@ -78,6 +78,8 @@ class RUDConfig(AlgorithmConfig):
         self.grad_clip = None
         self.num_env_runners = 0
         self.rollout_fragment_length = "auto"
+        # evaluate the deterministic policy, as the TD3 paper does
+        self.evaluation_config = AlgorithmConfig.overrides(explore=False)
         self.normalize_actions = True
         self.clip_actions = False
 
@@ -191,6 +193,10 @@ class RUD(Algorithm):
             return False
         [learner_module] = [r.get() for r in self.learner_group.foreach_learner(lambda learner: learner.module[DEFAULT_MODULE_ID])]
         runner_module = group.local_env_runner.module
+        learner_device = next(learner_module.actor.parameters()).device
+        runner_device = next(runner_module.actor.parameters()).device
+        if learner_device != runner_device:  # e.g. a driver-side Learner on a GPU
+            return False
         runner_module.actor = learner_module.actor
         runner_module.obs_norm = learner_module.obs_norm
         return True
@@ -203,7 +209,7 @@ class RUD(Algorithm):
         sampled = 0
         while True:
             with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
-                episodes = self._sample_block(int(config.update_interval))
+                episodes = self._sample_block(int(config.update_interval), lifetime)
             steps = sum(len(episode) for episode in episodes)
             # learn only on steps after the random warm-up; carry fractions so that over a run
             # exactly updates_per_step updates happen per env step
@@ -216,16 +222,17 @@ class RUD(Algorithm):
             timesteps = {NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime}
             with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
                 results = self.learner_group.foreach_learner(
-                    lambda learner: learner.learn_block(transitions, num_updates, timesteps, reduce_metrics=False)
+                    lambda learner: learner.learn_block(transitions, num_updates, timesteps)
                 )
-                [result.get() for result in results]  # raise a Learner's error here
-            if num_updates and not self._shares_actor:
+                [done] = [result.get() for result in results]  # and raise a Learner's error here
+            # the observation statistics change with every block, the actor with every update
+            if (done or config.normalize_observations) and not self._shares_actor:
                 with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
                     self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
             if sampled >= (config.min_sample_timesteps_per_iteration or 0) or steps == 0:
                 break
         self.metrics.aggregate(self._runner_metrics(), key=ENV_RUNNER_RESULTS)
-        learner_metrics = self.learner_group.foreach_learner(lambda learner: learner.metrics.reduce())
+        learner_metrics = self.learner_group.foreach_learner(lambda learner: learner.reduce_metrics())
         self.metrics.aggregate([result.get() for result in learner_metrics], key=LEARNER_RESULTS)
 
     def _runner_metrics(self) -> list:
@@ -235,14 +242,24 @@ class RUD(Algorithm):
         return group.foreach_env_runner(lambda runner: runner.get_metrics(), local_env_runner=False,
                                         timeout_seconds=self.config.sample_timeout_s)
 
-    def _sample_block(self, num_steps: int) -> list:
-        """``num_steps`` env steps from the EnvRunners, split evenly over the healthy ones."""
+    def _sample_block(self, num_steps: int, lifetime: int) -> list:
+        """``num_steps`` env steps from the EnvRunners, split evenly over the healthy ones.
+
+        Each runner first learns the lifetime step count: the module's random warm-up ends
+        at ``learning_starts`` exactly, not at the next iteration boundary (RLlib updates the
+        runners' counters once per iteration, TD3 iterations hold 1000 one-step blocks).
+        """
         group = self.env_runner_group
+
+        def sample(runner, steps: int) -> list:
+            runner.num_env_steps_sampled_lifetime = lifetime
+            return runner.sample(num_timesteps=steps)
+
         if group.num_remote_env_runners() == 0:
-            return group.local_env_runner.sample(num_timesteps=num_steps)
+            return sample(group.local_env_runner, num_steps)
         per_runner = math.ceil(num_steps / max(1, group.num_healthy_remote_workers()))
         results = group.foreach_env_runner(
-            lambda runner: runner.sample(num_timesteps=per_runner),
+            lambda runner: sample(runner, per_runner),
             local_env_runner=False,
             timeout_seconds=self.config.sample_timeout_s,
         )

@@ -5,7 +5,7 @@ to run (:meth:`RUDTorchLearner.learn_block`). The loop draws every minibatch ind
 target-smoothing noise for the block up front and then does only tensor work per update:
 gather, target, critic step, and every ``policy_delay`` updates an actor step and a Polyak
 update of both target networks (one ``_foreach_lerp_``). Metrics are summed as tensors and
-reported once per block.
+reported once per iteration (:meth:`RUDTorchLearner.reduce_metrics`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core import ALL_MODULES, DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.core.rl_module.apis import TargetNetworkAPI
-from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, NUM_ENV_STEPS_TRAINED
 
 from agents.common.learning_rates import apply_learning_rate_schedules
 from agents.common.replay import TransitionBuffer
@@ -41,6 +41,9 @@ class RUDTorchLearner(TorchLearner):
         self.generator.manual_seed(int(self.config.seed or 0) + 7919)
         self.critic_updates = 0
         self.actor_updates = 0
+        self._totals = torch.zeros(4, device=self._device)
+        self._updates_since_reduce = 0
+        self._actor_steps_since_reduce = 0
         pairs = module.get_target_network_pairs()
         self._online_params = [p for online, _ in pairs for p in online.parameters()]
         self._target_params = [p for _, target in pairs for p in target.parameters()]
@@ -66,12 +69,22 @@ class RUDTorchLearner(TorchLearner):
         """The critics' TD loss: sum over critics of mean (Q_i(s, a) - y)^2."""
         return (fwd_out[Q_VALUES] - batch[TD_TARGET]).pow(2).mean(dim=1).sum()
 
+    def min_replay_size(self) -> int:
+        """Transitions the buffer must hold before updates run.
+
+        A fresh run reaches it exactly at ``learning_starts``. A run restored without its
+        replay buffer refills this much (acting with the restored policy) before learning
+        again, instead of running hundreds of updates on a handful of transitions.
+        """
+        config = self.config
+        return max(config.train_batch_size_per_learner, min(config.learning_starts, config.replay_capacity))
+
     def learn_block(self, transitions: Mapping[str, np.ndarray], num_updates: int,
-                    timesteps: Mapping[str, Any], reduce_metrics: bool = True) -> dict[str, Any] | None:
+                    timesteps: Mapping[str, Any]) -> int:
         """Add one block of transitions to the replay buffer, then run ``num_updates`` updates.
 
-        Returns the reduced metrics, or None with ``reduce_metrics=False`` (the caller reduces
-        once after many small blocks, as TD3's one-step blocks need).
+        Returns the number of updates run (0 while the buffer holds fewer than
+        :meth:`min_replay_size` transitions). Metrics accumulate until :meth:`reduce_metrics`.
         """
         module = self.module[DEFAULT_MODULE_ID]
         self.replay.add(transitions)
@@ -79,14 +92,34 @@ class RUDTorchLearner(TorchLearner):
             module.obs_norm.update(torch.as_tensor(transitions["obs"], device=self._device))
         # before the first update, not after it as RLlib does (see apply_learning_rate_schedules)
         apply_learning_rate_schedules(self, timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
-        if num_updates > 0 and len(self.replay) > 0:
+        if len(self.replay) < self.min_replay_size():
+            num_updates = 0
+        if num_updates > 0:
             self._updates(module, num_updates)
             self._weights_seq_no += 1
-        self.metrics.log_value((DEFAULT_MODULE_ID, "replay_size"), len(self.replay), reduce="mean", window=1)
-        self.metrics.log_value((DEFAULT_MODULE_ID, "num_updates"), num_updates, reduce="sum")
-        self.metrics.log_value((DEFAULT_MODULE_ID, "critic_updates_lifetime"), self.critic_updates, reduce="mean", window=1)
+        self._updates_since_reduce += num_updates
         self.after_gradient_based_update(timesteps=dict(timesteps))
-        return self.metrics.reduce() if reduce_metrics else None
+        return num_updates
+
+    def reduce_metrics(self) -> dict[str, Any]:
+        """Metrics since the last call, averaged over all updates in between (many blocks
+        for TD3's one-step blocks), reduced for the Algorithm."""
+        done = self._updates_since_reduce
+        log = self.metrics.log_value
+        if done:
+            critic_loss, q_mean, actor_loss, target_mean = self._totals.tolist()
+            log((DEFAULT_MODULE_ID, "critic_loss"), critic_loss / done, reduce="mean", window=1)
+            log((DEFAULT_MODULE_ID, "q_mean"), q_mean / done, reduce="mean", window=1)
+            log((DEFAULT_MODULE_ID, "target_q_mean"), target_mean / done, reduce="mean", window=1)
+            if self._actor_steps_since_reduce:
+                log((DEFAULT_MODULE_ID, "actor_loss"), actor_loss / self._actor_steps_since_reduce, reduce="mean", window=1)
+        log((DEFAULT_MODULE_ID, "num_updates"), done, reduce="sum")
+        log((DEFAULT_MODULE_ID, "replay_size"), len(self.replay), reduce="mean", window=1)
+        log((DEFAULT_MODULE_ID, "critic_updates_lifetime"), self.critic_updates, reduce="mean", window=1)
+        log((ALL_MODULES, NUM_ENV_STEPS_TRAINED), done * self.config.train_batch_size_per_learner, reduce="sum")
+        self._totals.zero_()
+        self._updates_since_reduce = self._actor_steps_since_reduce = 0
+        return self.metrics.reduce()
 
     def _updates(self, module, num_updates: int) -> None:
         config = self.config
@@ -101,8 +134,7 @@ class RUDTorchLearner(TorchLearner):
         actor_optimizer = self.get_optimizer(DEFAULT_MODULE_ID, ACTOR_OPTIMIZER)
         module_config = self.config.get_config_for_module(DEFAULT_MODULE_ID)
         gamma, tau, delay = config.gamma, config.tau, config.policy_delay
-        totals = torch.zeros(4, device=device)  # critic loss, Q mean, actor loss, target Q mean
-        actor_steps = 0
+        totals = self._totals  # critic loss, Q mean, actor loss, target Q mean
         if not module.training:
             module.train()
         for update in range(num_updates):
@@ -121,25 +153,20 @@ class RUDTorchLearner(TorchLearner):
             critic_loss.backward()
             critic_optimizer.step()
             self.critic_updates += 1
-            totals[0] += critic_loss.detach()
-            totals[1] += fwd_out[Q_VALUES].detach().mean()
-            totals[3] += next_q.mean()
+            with torch.no_grad():
+                totals[0] += critic_loss
+                totals[1] += fwd_out[Q_VALUES].mean()
+                totals[3] += next_q.mean()
             if self.critic_updates % delay == 0:
                 actor_loss = -module.policy_value(batch["obs"]).mean()
                 actor_optimizer.zero_grad(set_to_none=True)
                 actor_loss.backward()
                 actor_optimizer.step()
-                torch._foreach_lerp_(self._target_params, self._online_params, tau)
-                totals[2] += actor_loss.detach()
-                actor_steps += 1
+                with torch.no_grad():  # outside autograd: targets must not join the graph
+                    torch._foreach_lerp_(self._target_params, self._online_params, tau)
+                    totals[2] += actor_loss
+                self._actor_steps_since_reduce += 1
                 self.actor_updates += 1
-        critic_loss, q_mean, actor_loss, target_mean = totals.tolist()
-        log = self.metrics.log_value
-        log((DEFAULT_MODULE_ID, "critic_loss"), critic_loss / num_updates, reduce="mean", window=1)
-        log((DEFAULT_MODULE_ID, "q_mean"), q_mean / num_updates, reduce="mean", window=1)
-        log((DEFAULT_MODULE_ID, "target_q_mean"), target_mean / num_updates, reduce="mean", window=1)
-        if actor_steps:
-            log((DEFAULT_MODULE_ID, "actor_loss"), actor_loss / actor_steps, reduce="mean", window=1)
 
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
         state = super().get_state(components, not_components=not_components, **kwargs)

@@ -67,10 +67,12 @@ class RUDTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         obs = batch[key]
         return self.obs_norm(obs.reshape(obs.shape[0], -1).float())
 
+    @torch.no_grad()
     def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         """The deterministic policy (evaluation)."""
         return {Columns.ACTIONS: self.actor(self._observations(batch))}
 
+    @torch.no_grad()
     def _forward_exploration(self, batch: dict[str, Any], t: int = 0, **kwargs) -> dict[str, Any]:
         """Uniform random actions before ``learning_starts`` env steps, then mu(s) + N(0, sigma)."""
         obs = self._observations(batch)
