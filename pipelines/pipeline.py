@@ -38,6 +38,11 @@ class Pipeline(ABC):
         """
         return []
 
+    def reported_metrics(self, spec: ExperimentSpec) -> tuple[set[str], tuple[str, ...]]:
+        """(metric names, name prefixes) a run of ``spec`` reports; a search's ``metric`` and
+        its scheduler's ``time_attr`` must be among them."""
+        return {self.step_metric, self.time_attr, *self.key_metrics}, ()
+
     def trial_resources(self, spec: ExperimentSpec) -> list[dict[str, float]]:
         """Placement-group bundles one trial needs; the first is the trial's own process."""
         return [{"CPU": 1.0}]

@@ -37,11 +37,14 @@ def _load() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     for module in BUILTIN_MODULES:
         importlib.import_module(module)
     for point in entry_points(group=ENTRY_POINT_GROUP):
-        register(point.load())
+        try:
+            register(point.load())
+        except Exception as err:
+            raise ImportError(f"pipeline kind plug-in {point.name!r} ({point.value}) failed to load: {err}") from err
+    _loaded = True
 
 
 def available_kinds() -> list[str]:

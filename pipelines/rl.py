@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import math
 import time
 from typing import Any, Literal
 
@@ -26,6 +25,7 @@ from pipelines.pipeline import Pipeline
 from pipelines.registry import register
 from pipelines.session import Session
 from pipelines.spec import ExperimentSpec, SpecModel, did_you_mean
+from pipelines.tracking.mlflow_run import finite_number
 
 EVALUATE_ON_DEMAND = 2**31 - 1
 """RLlib only builds evaluation EnvRunners when an interval is set; this one never fires,
@@ -174,6 +174,22 @@ class _SectionError(Exception):
         self.problem = problem
 
 
+def model_config_keys(algorithm: str, config: Any) -> set[str]:
+    """Settings the algorithm's RLModule reads from ``model_config``.
+
+    raysmith's algorithms list theirs (``model_config_keys``); RLlib's default modules read
+    ``DefaultModelConfig`` plus what the algorithm adds to every model config.
+    """
+    import dataclasses
+
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    own = getattr(resolve_algorithm(algorithm), "model_config_keys", None)
+    if own is not None:
+        return set(own)
+    return {f.name for f in dataclasses.fields(DefaultModelConfig)} | set(config._model_config_auto_includes)
+
+
 def build_algorithm_config(spec: RLSpec):
     """The AlgorithmConfig a spec describes. Pure: needs no Ray."""
     from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
@@ -221,23 +237,19 @@ def _check_env(spec: RLSpec) -> list[Problem]:
     return [Problem("env", f"{spec.algorithm} cannot run on {spec.env}: {reason}")] if reason else []
 
 
-def _scalar(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+EPISODE_STATS = {
+    "return_mean": "episode_return_mean",
+    "return_min": "episode_return_min",
+    "return_max": "episode_return_max",
+    "episode_len_mean": "episode_len_mean",
+}
+"""Our name -> RLlib's name of the episode statistics reported for training and evaluation."""
 
 
 def _episode_stats(env_runner_metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     out = {}
-    for source, name in (
-        ("episode_return_mean", "return_mean"),
-        ("episode_return_min", "return_min"),
-        ("episode_return_max", "return_max"),
-        ("episode_len_mean", "episode_len_mean"),
-    ):
-        value = _scalar(env_runner_metrics.get(source))
+    for name, source in EPISODE_STATS.items():
+        value = finite_number(env_runner_metrics.get(source))
         if value is not None:
             out[f"{prefix}/{name}"] = value
     return out
@@ -258,7 +270,7 @@ def extract_metrics(result: dict[str, Any]) -> dict[str, float]:
         "time/total_s": float(result.get("time_total_s", 0.0)),
         "time/iteration_s": float(result.get("time_this_iter_s", 0.0)),
     }
-    sampled = _scalar(runners.get("num_env_steps_sampled"))
+    sampled = finite_number(runners.get("num_env_steps_sampled"))
     if sampled is not None and metrics["time/iteration_s"] > 0:
         metrics["throughput/env_steps_per_s"] = sampled / metrics["time/iteration_s"]
     metrics.update(_episode_stats(runners, "train"))
@@ -268,7 +280,7 @@ def extract_metrics(result: dict[str, Any]) -> dict[str, float]:
         for key, value in stats.items():
             if any(part in key for part in _LEARNER_BOOKKEEPING):
                 continue
-            number = _scalar(value)
+            number = finite_number(value)
             if number is not None:
                 metrics[f"{prefix}/{key}"] = number
     return metrics
@@ -321,12 +333,25 @@ class RLPipeline(Pipeline):
             config = build_algorithm_config(spec)
         except _SectionError as err:
             return [err.problem]
+        allowed_model = model_config_keys(spec.algorithm, config)
+        unknown = [key for key in spec.model if key not in allowed_model]
+        if unknown:
+            key = unknown[0]
+            return [Problem(f"model.{key}", f"unknown {spec.algorithm} model setting '{key}'"
+                                            f"{did_you_mean(key, allowed_model)}; allowed: {', '.join(sorted(allowed_model))}")]
         try:
             config.validate()
         except Exception as err:
             message = str(err).split("\nTo suppress")[0]
             return [Problem("training", f"{spec.algorithm} refused this configuration: {message}")]
         return []
+
+    def reported_metrics(self, spec: RLSpec) -> tuple[set[str], tuple[str, ...]]:
+        names = {"iteration", "env_steps", "time/total_s", "time/iteration_s", "throughput/env_steps_per_s"}
+        names |= {f"train/{name}" for name in EPISODE_STATS}
+        if spec.evaluation.enabled:
+            names |= {f"evaluation/{name}" for name in EPISODE_STATS}
+        return names, ("learner/",)
 
     def trial_resources(self, spec: RLSpec) -> list[dict[str, float]]:
         config = build_algorithm_config(spec)
@@ -392,7 +417,7 @@ class RLPipeline(Pipeline):
             if done and evaluation.enabled and last_eval_step != env_steps:
                 metrics.update(run_evaluation())
             checkpoint = None
-            if session.checkpoint_due(iteration, spec.checkpoint.every_iterations) or (done and spec.checkpoint.at_end):
+            if session.checkpoint_due(iteration, spec.checkpoint.every_iterations, metrics) or (done and spec.checkpoint.at_end):
                 checkpoint = session.new_checkpoint_dir()
                 algo.save_to_path(str(checkpoint))
             session.report(metrics, step=env_steps, checkpoint=checkpoint)

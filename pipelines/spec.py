@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import hashlib
 import inspect
 import json
@@ -31,7 +32,22 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class SpecLoader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-4`` (no dot) as a string; specs read it as the float users mean."""
+    """Safe YAML with two corrections for specs.
+
+    YAML 1.1 reads ``1e-4`` (no dot) as a string; specs read it as the float users mean.
+    A key given twice in one mapping is an error (plain YAML silently keeps the last).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 SpecLoader.add_implicit_resolver(
@@ -50,6 +66,21 @@ SpecLoader.add_implicit_resolver(
 
 def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=SpecLoader)
+
+
+def read_yaml_file(path: str | Path, what: str = "spec") -> tuple[Any, str]:
+    """(parsed data, text) of a YAML file; :class:`SpecError` with the line if it is not valid."""
+    source = str(path)
+    file = Path(path)
+    if not file.is_file():
+        raise SpecError(source, [Problem("", "no such file")], what=what)
+    text = file.read_text()
+    try:
+        return read_yaml(text), text
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise SpecError(source, [Problem("", f"not valid YAML: {getattr(err, 'problem', err)}", line)], what=what) from None
 
 
 class SpecModel(BaseModel):
@@ -126,12 +157,24 @@ class Distribution(SpecModel):
         return getattr(self, self.name)
 
     def probe_values(self) -> list[Any]:
-        """Values that must all be valid for the field this dimension sets."""
+        """Values that must all be valid for the field this dimension sets.
+
+        Continuous dimensions are probed inside the range too: their samples are not whole
+        numbers, which an integer field refuses even when both bounds are integers.
+        """
         if self.name in ("choice", "grid"):
             return list(self.args)
         if self.name == "randint":
             return [self.args[0], self.args[1] - 1]
-        return [self.args[0], self.args[1]]
+        low, high = self.args[0], self.args[1]
+        fraction = 0.37731  # an arbitrary point inside, not a round number
+        if self.name == "loguniform":
+            inside = math.exp(math.log(low) + fraction * (math.log(high) - math.log(low)))
+        else:
+            inside = low + fraction * (high - low)
+        if self.name == "quniform":
+            inside = round(inside / self.args[2]) * self.args[2]
+        return [low, high, inside]
 
 
 class FifoScheduler(SpecModel):
@@ -186,6 +229,9 @@ class SearchSettings(SpecModel):
     """Where Tune keeps trial state and checkpoints (resume reads it)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints Tune keeps per trial (PBT keeps every one: other trials may clone them)."""
+    seed_per_trial: bool = True
+    """Give every trial its own seed, drawn reproducibly from the spec's seed (random and grid
+    searchers, unless ``seed`` is searched): repeats of a configuration are then independent."""
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -206,6 +252,9 @@ class SearchSettings(SpecModel):
                 raise ValueError("scheduler 'pbt' needs a non-empty space to perturb")
             if "grid" in kinds.values():
                 raise ValueError("scheduler 'pbt' cannot perturb grid dimensions; use choice")
+            if self.searcher != "random":
+                raise ValueError(f"scheduler 'pbt' samples and perturbs the space itself: use searcher 'random', "
+                                 f"not '{self.searcher}'")
         return self
 
 
@@ -497,12 +546,34 @@ def validate_data(
     return spec
 
 
-def _check_search_space(loaded: LoadedSpec) -> None:
-    """Every search dimension must name a real field and every value it can take must fit it."""
+TUNE_TIME_ATTRIBUTES = ("training_iteration", "time_total_s")
+"""Progress counters Tune adds to every result itself."""
+
+
+def _check_search(loaded: LoadedSpec) -> None:
+    """The search's metric and time attribute must be reported by the pipeline; every search
+    dimension must name a real field and every value it can take must fit it."""
     search = loaded.spec.search
     if search is None:
         return
     problems: list[Problem] = []
+    names, prefixes = loaded.pipeline.reported_metrics(loaded.spec)
+
+    def reported(name: str) -> bool:
+        return name in names or name.startswith(prefixes) if prefixes else name in names
+
+    allowed = ", ".join(sorted(names) + [f"{p}*" for p in prefixes])
+    if not reported(search.metric):
+        message = f"'{search.metric}' is not reported by this {loaded.spec.kind} spec{did_you_mean(search.metric, names)}; reported: {allowed}"
+        problems.append(Problem("search.metric", message, _line_for(loaded.lines, ("search", "metric"))))
+    time_attr = getattr(search.scheduler, "time_attr", None)
+    if time_attr and isinstance(search.scheduler, PbtScheduler) and not reported(time_attr):
+        message = (f"'{time_attr}' is not reported by this {loaded.spec.kind} spec; pbt needs a metric the pipeline "
+                   f"reports (its checkpoints follow it): {allowed}")
+        problems.append(Problem("search.scheduler.time_attr", message, _line_for(loaded.lines, ("search", "scheduler"))))
+    elif time_attr and not (reported(time_attr) or time_attr in TUNE_TIME_ATTRIBUTES):
+        message = f"'{time_attr}' is not reported{did_you_mean(time_attr, names)}; use one of: {allowed}, {', '.join(TUNE_TIME_ATTRIBUTES)}"
+        problems.append(Problem("search.scheduler.time_attr", message, _line_for(loaded.lines, ("search", "scheduler"))))
     for path, dist in search.space.items():
         line = _line_for(loaded.lines, ("search", "space", path))
         for value in dist.probe_values():
@@ -523,15 +594,7 @@ def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> LoadedS
     """Read, override and validate a spec file; raises :class:`SpecError` naming every problem."""
     source = str(path)
     file = Path(path)
-    if not file.is_file():
-        raise SpecError(source, [Problem("", "no such file")])
-    text = file.read_text()
-    try:
-        data = read_yaml(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        raise SpecError(source, [Problem("", f"not valid YAML: {getattr(err, 'problem', err)}", line)]) from None
+    data, text = read_yaml_file(path)
     if not isinstance(data, dict):
         raise SpecError(source, [Problem("", f"a spec is a mapping of keys to values; got {_describe(data)}")])
     data.setdefault("name", re.sub(r"[^A-Za-z0-9_.-]", "-", file.stem).lstrip("-.") or "experiment")
@@ -543,5 +606,5 @@ def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> LoadedS
     lines = _line_map(text)
     spec = validate_data(data, source, lines=lines, overridden=overridden)
     loaded = LoadedSpec(spec, data, source, text, tuple(overrides), lines)
-    _check_search_space(loaded)
+    _check_search(loaded)
     return loaded

@@ -247,3 +247,44 @@ def test_dict_helpers():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": 1, "a.c": "[1, 2]", "d": "x"}
     assert nest({"a.b": 1, "a.c": 2, "d": 3}) == {"a": {"b": 1, "c": 2}, "d": 3}
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo() + "seed: 3\n")
+    assert "key 'seed' appears twice (first on line 3)" in message and message.startswith("line")
+
+
+def test_continuous_dimension_on_an_integer_field(tmp_path):
+    [message] = problems(tmp_path, with_search(space="    stop.env_steps: {uniform: [1000, 5000]}"))
+    assert "search.space.stop.env_steps" in message and "fractional part" in message
+
+
+@pytest.mark.parametrize("searcher", ["grid", "optuna"])
+def test_pbt_needs_the_random_searcher(tmp_path, searcher):
+    [message] = problems(tmp_path, with_search(searcher=searcher, scheduler="pbt",
+                                               space="    training.lr: {choice: [0.001, 0.01]}"))
+    assert "pbt" in message and "use searcher 'random'" in message
+
+
+def test_search_metric_must_be_reported(tmp_path):
+    text = with_search().replace("metric: evaluation/return_mean", "metric: evaluation/retrun_mean")
+    [message] = problems(tmp_path, text)
+    assert message.startswith("line") and "search.metric: 'evaluation/retrun_mean' is not reported" in message
+    assert "did you mean 'evaluation/return_mean'" in message
+    # without evaluation there is no evaluation metric to optimise
+    [message] = problems(tmp_path, with_search(), ["evaluation.enabled=false"])
+    assert "search.metric: 'evaluation/return_mean' is not reported" in message
+    load_spec(write_spec(tmp_path, "ok.yaml", with_search().replace("evaluation/return_mean", "learner/total_loss")))
+
+
+def test_scheduler_time_attr_must_be_reported(tmp_path):
+    [message] = problems(tmp_path, with_search(scheduler="{type: asha, time_attr: env_step}"))
+    assert "search.scheduler.time_attr: 'env_step' is not reported" in message and "'env_steps'" in message
+    load_spec(write_spec(tmp_path, "ok.yaml", with_search(scheduler="{type: asha, time_attr: env_steps}")))
+
+
+def test_model_settings_are_checked(tmp_path):
+    [message] = problems(tmp_path, tiny_ppo().replace("fcnet_hiddens", "fcnet_hidens"))
+    assert "model.fcnet_hidens: unknown PPO model setting" in message and "'fcnet_hiddens'" in message
+    [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5") + "model: {actor_hiden: [64]}\n")
+    assert "model.actor_hiden" in message and "'actor_hidden'" in message

@@ -35,6 +35,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from agents.common.replay import episodes_to_transitions
+from agents.rud.rud_rl_module import DEFAULT_MODEL_CONFIG
 
 
 class RUDConfig(AlgorithmConfig):
@@ -159,6 +160,9 @@ class RUDConfig(AlgorithmConfig):
 
 class RUD(Algorithm):
     """Collect a block, learn on it, repeat. One ``train()`` call is one block."""
+
+    model_config_keys = tuple(DEFAULT_MODEL_CONFIG)
+    """What ``rl_module(model_config=...)`` may set (network sizes, activation)."""
 
     @staticmethod
     def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> str | None:
