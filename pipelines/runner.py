@@ -19,6 +19,7 @@ from pipelines.tracking.mlflow_run import (
     TAG_SPEC_HASH,
     RunTracker,
     environment_tags,
+    job_home,
     resolve_tracking_uri,
 )
 
@@ -30,6 +31,15 @@ class RunOutcome:
     tracking_uri: str
     summary: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+
+
+def output_root(output_dir: str) -> Path:
+    """Where local runs keep checkpoints: ``output_dir``, relative to the working directory
+    (to ``~/raysmith`` inside a submitted job, whose working directory is temporary)."""
+    path = Path(output_dir).expanduser()
+    if not path.is_absolute():
+        path = (job_home() or Path.cwd()) / path
+    return path.resolve()
 
 
 def start_tracker(loaded: LoadedSpec, command: str) -> RunTracker:
@@ -48,6 +58,17 @@ def start_tracker(loaded: LoadedSpec, command: str) -> RunTracker:
     if loaded.text:
         tracker.log_text(loaded.text, f"spec/{Path(loaded.source).name}")
     return tracker
+
+
+def _record_outcome(tracker: RunTracker, pipeline, spec, session: LocalSession, summary: dict[str, Any]) -> None:
+    tracker.log_learning_curve(pipeline.curve_metrics, xlabel=pipeline.step_metric.replace("_", " "), title=spec.name)
+    checkpoint = session.latest_checkpoint
+    if checkpoint is not None:
+        summary["checkpoint"] = str(checkpoint)
+        tracker.set_tags({"raysmith.checkpoint": str(checkpoint)})
+        if spec.tracking.log_checkpoints:
+            tracker.log_artifact(checkpoint, "checkpoint")
+    tracker.log_text("\n".join(f"{key}: {value}" for key, value in summary.items()) + "\n", "summary.txt")
 
 
 def run_local(
@@ -69,8 +90,8 @@ def run_local(
     with ray_session(spec.ray, address) as where:
         console.print(f"[bold]{spec.kind}[/] '{spec.name}' on {where}")
         tracker = start_tracker(loaded, "run")
-        console.print(f"MLflow {tracker.describe()}")
-        run_dir = Path(spec.output_dir).resolve() / spec.name / tracker.run_id
+        console.print(f"MLflow {tracker.describe()}", markup=False)
+        run_dir = output_root(spec.output_dir) / spec.name / tracker.run_id
         progress = ProgressLine(
             spec.name,
             total=pipeline.progress_total(spec),
@@ -85,6 +106,7 @@ def run_local(
         try:
             with progress:
                 summary = pipeline.run(spec, session)
+            _record_outcome(tracker, pipeline, spec, session, summary)
         except (KeyboardInterrupt, SystemExit):
             # Ctrl-C, or SIGTERM (`raysmith jobs stop`), which ray.init turns into SystemExit
             tracker.finish("KILLED")
@@ -94,15 +116,5 @@ def run_local(
             tracker.set_tags({"raysmith.error": f"{type(err).__name__}: {err}"[:5000]})
             tracker.finish("FAILED")
             raise RunFailed(f"{spec.kind} run '{spec.name}' failed: {type(err).__name__}: {err}") from err
-        tracker.log_learning_curve(pipeline.curve_metrics, xlabel=pipeline.step_metric.replace("_", " "), title=spec.name)
-        checkpoint = session.latest_checkpoint
-        if checkpoint is not None:
-            summary["checkpoint"] = str(checkpoint)
-            tracker.set_tags({"raysmith.checkpoint": str(checkpoint)})
-            if spec.tracking.log_checkpoints:
-                tracker.log_artifact(checkpoint, "checkpoint")
-        tracker.log_text(
-            "\n".join(f"{key}: {value}" for key, value in summary.items()) + "\n", "summary.txt"
-        )
         tracker.finish("FINISHED")
         return RunOutcome(tracker.run_id, tracker.experiment_id, tracker.uri, summary, summary.get("checkpoint"))

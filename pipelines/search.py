@@ -5,13 +5,17 @@ validates the result and runs the pipeline with a :class:`~pipelines.session.Tun
 The driver records the search as one MLflow run and every trial as a run nested under it.
 An interrupted search resumes with ``--resume`` (``Tuner.restore``): finished trials are
 kept, unfinished and errored ones continue from their last checkpoint.
+
+``search.storage_path`` is a local folder or a URI pyarrow understands (``s3://``,
+``gs://``, ``file://``); trials on a multi-node cluster need storage every node reaches.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
-import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.cluster import ray_session
+from pipelines.cluster import ray_session, resolve_address
 from pipelines.errors import BadInput, Problem, RunFailed, SpecError
 from pipelines.pipeline import Pipeline
 from pipelines.progress import format_value
@@ -35,10 +39,11 @@ from pipelines.spec import (
     nest,
     validate_data,
 )
-from pipelines.tracking.mlflow_run import RunTracker
+from pipelines.tracking.mlflow_run import RunTracker, finite_number
 from pipelines.tracking.tune_callback import trial_runs
 
 STATE_FILE = "raysmith_search.json"
+SEED_RANGE = 2**31 - 1
 
 
 def to_tune_domain(dist: Distribution, as_grid: bool = False):
@@ -58,9 +63,26 @@ def to_tune_domain(dist: Distribution, as_grid: bool = False):
     return tune.randint(*args)
 
 
-def param_space(search: SearchSettings) -> dict[str, Any]:
+def search_dimensions(search: SearchSettings) -> dict[str, Any]:
+    """The searched values as Tune domains, nested like the spec."""
     grid = search.searcher == "grid"
     return nest({path: to_tune_domain(dist, as_grid=grid) for path, dist in search.space.items()})
+
+
+def param_space(search: SearchSettings) -> dict[str, Any]:
+    """What Tune samples per trial: the search dimensions, plus a seed of its own per trial.
+
+    Repeats of one configuration (``num_samples``, grid points) would otherwise be the
+    same run repeated. The seeds come from the searcher's random state, itself seeded by the
+    spec's seed, so a search is reproducible. Optuna models every dimension it is given, so
+    it gets no seed dimension; neither does a space that searches ``seed`` itself.
+    """
+    from ray import tune
+
+    space = search_dimensions(search)
+    if search.seed_per_trial and search.searcher != "optuna" and "seed" not in search.space:
+        space["seed"] = tune.randint(0, SEED_RANGE)
+    return space
 
 
 def _scheduler(search: SearchSettings, pipeline: Pipeline):
@@ -78,7 +100,7 @@ def _scheduler(search: SearchSettings, pipeline: Pipeline):
         return PopulationBasedTraining(
             time_attr=scheduler.time_attr or pipeline.time_attr,
             perturbation_interval=scheduler.perturbation_interval,
-            hyperparam_mutations=param_space(search),
+            hyperparam_mutations=search_dimensions(search),
             quantile_fraction=scheduler.quantile_fraction,
             resample_probability=scheduler.resample_probability,
             synch=scheduler.synch,
@@ -115,15 +137,20 @@ def trial_tags(parent: RunTracker) -> dict[str, str]:
 
 
 def trial(config: dict[str, Any], *, base_data: dict[str, Any], source: str, required: list[str],
-           checkpoint_interval: int | None) -> None:
+          checkpoint_every: tuple[str, float] | None) -> None:
     """Body of one Tune trial (runs in a Ray worker)."""
+    from ray import tune
+
     from pipelines.registry import get_pipeline
     from pipelines.spec import deep_merge
 
     spec = validate_data(deep_merge(base_data, config), f"{source} (trial config {flatten(config)})")
     pipeline = get_pipeline(spec.kind)
-    session = TuneSession(required, pipeline.step_metric, checkpoint_interval)
-    pipeline.run(spec, session)
+    checkpoint = tune.get_checkpoint()
+    # a local checkpoint is read in place; a remote one is downloaded and removed afterwards
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restore_from:
+        session = TuneSession(required, pipeline.step_metric, restore_from, checkpoint_every)
+        pipeline.run(spec, session)
 
 
 @dataclass
@@ -138,9 +165,46 @@ class SearchOutcome:
     unfinished: int = 0
 
 
-def experiment_dir(loaded: LoadedSpec) -> Path:
-    search = loaded.spec.search
-    return Path(search.storage_path).resolve() / loaded.spec.name
+class ExperimentStore:
+    """The search's folder under ``storage_path``, local or a pyarrow URI."""
+
+    def __init__(self, storage_path: str, name: str):
+        import pyarrow.fs
+
+        if "://" in storage_path:
+            self.location = f"{storage_path.rstrip('/')}/{name}"
+            self.fs, self.path = pyarrow.fs.FileSystem.from_uri(self.location)
+        else:
+            self.location = str(Path(storage_path).resolve() / name)
+            self.fs, self.path = pyarrow.fs.LocalFileSystem(), self.location
+        self.storage_path = self.location.rsplit("/", 1)[0]
+        self.is_local = isinstance(self.fs, pyarrow.fs.LocalFileSystem)
+
+    def exists(self) -> bool:
+        import pyarrow.fs
+
+        return self.fs.get_file_info(self.path).type != pyarrow.fs.FileType.NotFound
+
+    def delete(self) -> None:
+        self.fs.delete_dir(self.path)
+
+    def read_state(self) -> dict[str, Any] | None:
+        import pyarrow.fs
+
+        file = f"{self.path}/{STATE_FILE}"
+        if self.fs.get_file_info(file).type != pyarrow.fs.FileType.File:
+            return None
+        with self.fs.open_input_stream(file) as stream:
+            return json.loads(stream.read().decode())
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+        with self.fs.open_output_stream(f"{self.path}/{STATE_FILE}") as stream:
+            stream.write(json.dumps(state, indent=2).encode())
+
+
+def experiment_store(loaded: LoadedSpec) -> ExperimentStore:
+    return ExperimentStore(loaded.spec.search.storage_path, loaded.spec.name)
 
 
 def _require_search(loaded: LoadedSpec) -> SearchSettings:
@@ -150,34 +214,24 @@ def _require_search(loaded: LoadedSpec) -> SearchSettings:
     return loaded.spec.search
 
 
-def _prepare_directory(loaded: LoadedSpec, resume: bool, restart: bool) -> tuple[Path, dict[str, Any] | None]:
+def _prepare(store: ExperimentStore, loaded: LoadedSpec, resume: bool, restart: bool) -> dict[str, Any] | None:
     from ray import tune
 
-    directory = experiment_dir(loaded)
-    state_file = directory / STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    state = store.read_state()
     if resume:
-        if not tune.Tuner.can_restore(str(directory)) or state is None:
-            raise BadInput(f"nothing to resume at {directory}; run `raysmith tune {loaded.source}` without --resume")
+        if state is None or not tune.Tuner.can_restore(store.location):
+            raise BadInput(f"nothing to resume at {store.location}; run `raysmith tune {loaded.source}` without --resume")
         if state.get("spec_hash") != loaded.spec_hash():
-            raise BadInput(f"{loaded.source} changed since the search at {directory} started "
+            raise BadInput(f"{loaded.source} changed since the search at {store.location} started "
                            f"(spec hash {state.get('spec_hash')} -> {loaded.spec_hash()}); "
                            "resume with the same spec and --set values, or use --restart")
-        return directory, state
-    if directory.exists():
+        return state
+    if store.exists():
         if not restart:
-            raise BadInput(f"a search named '{loaded.spec.name}' already exists at {directory}; "
+            raise BadInput(f"a search named '{loaded.spec.name}' already exists at {store.location}; "
                            "continue it with --resume, or replace it with --restart")
-        shutil.rmtree(directory)
-    return directory, None
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+        store.delete()
+    return None
 
 
 def run_search(
@@ -197,39 +251,42 @@ def run_search(
     spec = loaded.spec
     search = _require_search(loaded)
     pipeline = loaded.pipeline
-    directory, state = _prepare_directory(loaded, resume, restart)
+    store = experiment_store(loaded)
+    state = _prepare(store, loaded, resume, restart)
     bundles = pipeline.trial_resources(spec)
+    if store.is_local and resolve_address(address, spec.ray):
+        console.print(f"[yellow]note[/]: trials checkpoint to {store.location} on this machine's disk; on a "
+                      "multi-node cluster set search.storage_path to storage every node reaches (s3://, NFS)")
 
     with ray_session(spec.ray, address) as where:
-        console.print(f"[bold]search[/] '{spec.name}': {search.num_samples} sample(s) on {where}; state in {directory}")
+        console.print(f"[bold]search[/] '{spec.name}': {search.num_samples} sample(s) on {where}; state in {store.location}")
         if state is None:
             parent = start_tracker(loaded, "tune")
             parent.log_params({f"search.{k}": v for k, v in flatten(search.model_dump(mode="json")).items()})
-            directory.mkdir(parents=True, exist_ok=True)
             state = {"parent_run_id": parent.run_id, "tracking_uri": parent.uri, "spec_hash": loaded.spec_hash()}
-            (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+            store.write_state(state)
         else:
             parent = RunTracker.reopen(state["tracking_uri"], state["parent_run_id"])
-        console.print(f"MLflow parent {parent.describe()}")
+        console.print(f"MLflow parent {parent.describe()}", markup=False)
 
-        checkpoint_interval = (
-            search.scheduler.perturbation_interval if isinstance(search.scheduler, PbtScheduler) else None
-        )
+        checkpoint_every = None
+        if isinstance(search.scheduler, PbtScheduler):
+            checkpoint_every = (search.scheduler.time_attr or pipeline.time_attr, search.scheduler.perturbation_interval)
         trainable = tune.with_resources(
             tune.with_parameters(
                 trial, base_data=loaded.data, source=loaded.source,
-                required=[search.metric], checkpoint_interval=checkpoint_interval,
+                required=[search.metric], checkpoint_every=checkpoint_every,
             ),
             tune.PlacementGroupFactory(bundles),
         )
         try:
             if resume:
-                tuner = tune.Tuner.restore(str(directory), trainable, resume_unfinished=True, resume_errored=True)
+                tuner = tune.Tuner.restore(store.location, trainable, resume_unfinished=True, resume_errored=True)
             else:
                 callback = MlflowTrialCallback(
                     uri=parent.uri, parent_run_id=parent.run_id, run_name=spec.name,
-                    base_data=loaded.spec.model_dump(mode="json", exclude={"search"}),
-                    tags=trial_tags(parent),
+                    base_data=spec.model_dump(mode="json", exclude={"search"}),
+                    tags=trial_tags(parent), spec_text=loaded.text, spec_file=Path(loaded.source).name,
                     step_metric=pipeline.step_metric, curve_metrics=pipeline.curve_metrics,
                     log_checkpoints=spec.tracking.log_checkpoints,
                 )
@@ -246,7 +303,7 @@ def run_search(
                     ),
                     run_config=RunConfig(
                         name=spec.name,
-                        storage_path=str(directory.parent),
+                        storage_path=store.storage_path,
                         failure_config=FailureConfig(max_failures=search.max_failures),
                         checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep(search)),
                         callbacks=[callback],
@@ -254,32 +311,32 @@ def run_search(
                     ),
                 )
             results = tuner.fit()
+            return _summarise(results, search, parent, store, pipeline)
         except KeyboardInterrupt:
             parent.finish("KILLED")
             raise
-        except Exception:
+        except Exception as err:
             parent.finish("FAILED")
-            raise
-        outcome = _summarise(results, search, pipeline, parent, directory)
-    return outcome
+            raise RunFailed(f"the search failed: {type(err).__name__}: {err} (Tune's state and logs: {store.location})") from err
 
 
-def unfinished_trials(directory: Path) -> list[str]:
+def unfinished_trials(location: str) -> list[str]:
     """Trials the saved experiment state says are not done (an interrupted search).
 
-    After Ctrl-C, Tune ends the running trials but saves them as unfinished; the state on
-    disk, not the in-memory result grid, tells what a resume would continue.
+    After Ctrl-C, Tune ends the running trials but saves them as unfinished; the state in
+    storage, not the in-memory result grid, tells what a resume would continue.
     """
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(directory))
+    analysis = ExperimentAnalysis(location)
     return [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
 
 
-def _summarise(results, search: SearchSettings, pipeline: Pipeline, parent: RunTracker, directory: Path) -> SearchOutcome:
-    outcome = SearchOutcome(parent.run_id, parent.uri, str(directory))
+def _summarise(results, search: SearchSettings, parent: RunTracker, store: ExperimentStore,
+               pipeline: Pipeline) -> SearchOutcome:
+    outcome = SearchOutcome(parent.run_id, parent.uri, store.location)
     outcome.errors = results.num_errors
-    unfinished = unfinished_trials(directory)
+    unfinished = unfinished_trials(store.location)
     outcome.unfinished = len(unfinished)
     for trial_id in unfinished:
         for run in trial_runs(parent.client, parent.experiment_id, parent.run_id, trial_id):
@@ -289,7 +346,7 @@ def _summarise(results, search: SearchSettings, pipeline: Pipeline, parent: RunT
         row: dict[str, Any] = {"trial": metrics.get("trial_id", Path(result.path).name if result.path else "?")}
         row.update(flatten(result.config or {}))
         for key in dict.fromkeys((search.metric, *pipeline.key_metrics)):
-            row[key] = _number(metrics.get(key))
+            row[key] = finite_number(metrics.get(key))
         row["status"] = "ERROR" if result.error else "OK"
         outcome.rows.append(row)
     scored = [r for r in outcome.rows if r["status"] == "OK" and r.get(search.metric) is not None]
@@ -301,11 +358,14 @@ def _summarise(results, search: SearchSettings, pipeline: Pipeline, parent: RunT
         parent.log_metrics({f"best/{search.metric}": outcome.best_metric}, step=0)
         # tags, not params: a resumed search may find a different best trial
         parent.set_tags({f"raysmith.best.{k}": v for k, v in outcome.best_config.items()})
-    header = list(outcome.rows[0]) if outcome.rows else []
-    csv_lines = [",".join(header)] + [",".join("" if r.get(h) is None else str(r.get(h)) for h in header) for r in outcome.rows]
-    parent.log_text("\n".join(csv_lines) + "\n", "trials.csv")
+    table = io.StringIO()
+    if outcome.rows:
+        writer = csv.DictWriter(table, fieldnames=list(outcome.rows[0]), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(outcome.rows)
+    parent.log_text(table.getvalue(), "trials.csv")
     parent.set_tags({"raysmith.trials": len(outcome.rows), "raysmith.trial_errors": outcome.errors,
-                     "raysmith.experiment_dir": str(directory)})
+                     "raysmith.experiment_dir": store.location})
     if outcome.unfinished:
         parent.finish("KILLED")
     else:

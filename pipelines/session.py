@@ -7,6 +7,7 @@ A pipeline calls :meth:`Session.report` once per iteration with flat metrics, as
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -29,7 +30,8 @@ class Session(ABC):
     def new_checkpoint_dir(self) -> Path:
         """An empty directory for the pipeline to save the next checkpoint into."""
 
-    def checkpoint_due(self, iteration: int, every: int) -> bool:
+    def checkpoint_due(self, iteration: int, every: int, metrics: Mapping[str, Any] | None = None) -> bool:
+        """Whether the iteration that produced ``metrics`` should save a checkpoint."""
         return iteration % every == 0
 
 
@@ -80,23 +82,43 @@ class TuneSession(Session):
 
     Tune's schedulers need the search metric in every result. Metrics named in
     ``required`` are repeated from the last report that had them (and marked as repeated,
-    so MLflow records each value once); before the first value exists nothing is reported.
+    so MLflow records each value once). The repeated values travel inside checkpoints, so
+    a trial restored by PBT or after a failure reports from its first iteration on. Before a
+    value exists at all nothing is reported, and a checkpoint saved meanwhile waits for the
+    next report rather than being dropped.
+
+    With ``checkpoint_every=(time_attr, interval)`` (PBT), a checkpoint is also saved
+    whenever ``time_attr`` has advanced by ``interval`` since the last one: the rule PBT
+    uses to decide when to exploit, so there is always a fresh checkpoint to clone.
     """
 
-    def __init__(self, required: Sequence[str], step_metric: str, checkpoint_interval: int | None = None):
-        from ray import tune
+    STATE_FILE = "raysmith_session.json"
 
+    def __init__(self, required: Sequence[str], step_metric: str, restore_from: str | None = None,
+                 checkpoint_every: tuple[str, float] | None = None):
         self.required = tuple(required)
         self.step_metric = step_metric
-        self.checkpoint_interval = checkpoint_interval
+        self.restore_from = restore_from
+        self.checkpoint_every = checkpoint_every
         self._carry: dict[str, Any] = {}
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            self.restore_from = checkpoint.to_directory(tempfile.mkdtemp(prefix="raysmith-restore-"))
+        self._last_checkpoint_time = 0.0
+        self._pending: Path | None = None
+        state_file = Path(restore_from, self.STATE_FILE) if restore_from else None
+        if state_file is not None and state_file.is_file():
+            state = json.loads(state_file.read_text())
+            self._carry = state.get("carried", {})
+            self._last_checkpoint_time = state.get("last_checkpoint_time", 0.0)
 
-    def checkpoint_due(self, iteration: int, every: int) -> bool:
-        interval = self.checkpoint_interval
-        return iteration % every == 0 or bool(interval and iteration % interval == 0)
+    def checkpoint_due(self, iteration: int, every: int, metrics: Mapping[str, Any] | None = None) -> bool:
+        due = iteration % every == 0
+        if self.checkpoint_every is not None and metrics is not None:
+            attribute, interval = self.checkpoint_every
+            value = metrics.get(attribute)
+            # the same rule, on the same reported values, as PBT's "time to perturb?"
+            if value is not None and float(value) - self._last_checkpoint_time >= interval:
+                self._last_checkpoint_time = float(value)
+                due = True
+        return due
 
     def new_checkpoint_dir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="raysmith-checkpoint-"))
@@ -115,10 +137,19 @@ class TuneSession(Session):
             elif key in self._carry:
                 payload[key] = self._carry[key]
                 carried.append(key)
+        if checkpoint is not None:
+            if self._pending is not None:
+                shutil.rmtree(self._pending, ignore_errors=True)
+            self._pending = Path(checkpoint)
+        if not all(key in payload for key in self.required):
+            return  # nothing to report yet; a checkpoint waits in self._pending
+        payload[CARRIED_KEY] = ",".join(carried)
+        pending, self._pending = self._pending, None
         try:
-            if all(key in payload for key in self.required):
-                payload[CARRIED_KEY] = ",".join(carried)
-                tune.report(payload, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
+            if pending is not None:
+                state = {"carried": self._carry, "last_checkpoint_time": self._last_checkpoint_time}
+                (pending / self.STATE_FILE).write_text(json.dumps(state))
+            tune.report(payload, checkpoint=tune.Checkpoint.from_directory(str(pending)) if pending else None)
         finally:
-            if checkpoint is not None:
-                shutil.rmtree(checkpoint, ignore_errors=True)
+            if pending is not None:
+                shutil.rmtree(pending, ignore_errors=True)

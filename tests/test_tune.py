@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from helpers import BIN, raysmith, subprocess_env, tiny_ppo, write_spec
@@ -22,8 +24,8 @@ search:
 """
 
 
-def search_spec(name: str, space: str, concurrent: int = 2, env_steps: int = 1500) -> str:
-    return tiny_ppo(name=name, env_steps=env_steps) + SEARCH.format(concurrent=concurrent, space=space)
+def search_spec(name: str, space: str, concurrent: int = 2, env_steps: int = 1500, extra: str = "") -> str:
+    return tiny_ppo(name=name, env_steps=env_steps) + SEARCH.format(concurrent=concurrent, space=space) + extra
 
 
 def nested_runs(client, parent_id):
@@ -36,7 +38,9 @@ def steps(client, run_id, key):
 
 
 def test_two_trials_are_nested_under_the_search_run(tmp_path):
-    spec = write_spec(tmp_path, "search.yaml", search_spec("two", "    training.lr: {grid: [0.0003, 0.003]}"))
+    storage = (tmp_path / "tune storage").as_uri()  # a URI, as for s3:// storage
+    spec = write_spec(tmp_path, "search.yaml", search_spec("two", "    training.lr: {grid: [0.0003, 0.003]}",
+                                                           extra=f"  storage_path: {storage}\n"))
     result = raysmith("tune", str(spec), cwd=tmp_path, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "best trial: evaluation/return_mean" in result.stdout
@@ -50,6 +54,8 @@ def test_two_trials_are_nested_under_the_search_run(tmp_path):
     assert parent.data.tags["raysmith.trials"] == "2"
     assert parent.data.params["search.searcher"] == "grid"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.csv", "spec"}
+    assert parent.data.tags["raysmith.experiment_dir"] == f"{storage}/two"
+    assert (tmp_path / "tune storage" / "two" / "raysmith_search.json").is_file()
 
     trials = nested_runs(client, parent.info.run_id)
     assert len(trials) == 2
@@ -60,7 +66,9 @@ def test_two_trials_are_nested_under_the_search_run(tmp_path):
         assert trial.data.tags["raysmith.spec_hash"] == parent.data.tags["raysmith.spec_hash"]
         # one value per evaluation, none repeated by the scheduler's carry-forward
         assert steps(client, trial.info.run_id, "evaluation/return_mean") == [0, 1000, 1500]
-        assert {"learning_curve.png", "checkpoint"} <= {a.path for a in client.list_artifacts(trial.info.run_id)}
+        assert {"learning_curve.png", "checkpoint", "spec"} <= {a.path for a in client.list_artifacts(trial.info.run_id)}
+    seeds = {trial.data.params["seed"] for trial in trials}
+    assert len(seeds) == 2  # each trial draws its own seed
 
     best = max(trials, key=lambda t: t.data.metrics["evaluation/return_mean"])
     assert parent.data.metrics["best/evaluation/return_mean"] == best.data.metrics["evaluation/return_mean"]
@@ -68,16 +76,16 @@ def test_two_trials_are_nested_under_the_search_run(tmp_path):
 
 
 def _trial_progress(db) -> tuple[int, int]:
-    """(finished trial runs, trial runs that logged a metric) in the MLflow store."""
+    """(finished trial runs, trial runs past env step 1500, after their first checkpoint) in the MLflow store."""
     try:
         with sqlite3.connect(db) as connection:
             finished = connection.execute(
                 "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
                 "where t.key = 'raysmith.trial_id' and r.status = 'FINISHED'").fetchone()[0]
-            logging = connection.execute(
+            checkpointed = connection.execute(
                 "select count(distinct m.run_uuid) from metrics m join tags t on m.run_uuid = t.run_uuid "
-                "where t.key = 'raysmith.trial_id'").fetchone()[0]
-        return finished, logging
+                "where t.key = 'raysmith.trial_id' and m.key = 'env_steps' and m.value >= 1500").fetchone()[0]
+        return finished, checkpointed
     except sqlite3.Error:
         return 0, 0
 
@@ -92,8 +100,8 @@ def test_interrupted_search_resumes(tmp_path):
     )
     try:
         deadline = time.monotonic() + 240
-        # interrupt once the first trial is done and the second has reported
-        while _trial_progress(db) != (1, 2):
+        # interrupt once the first trial is done and the second has checkpointed (every 2 x 500 steps)
+        while _trial_progress(db) != (1, 1):
             assert process.poll() is None, process.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "the search never reached its second trial"
             time.sleep(0.2)
@@ -126,7 +134,74 @@ def test_interrupted_search_resumes(tmp_path):
     assert parent.info.status == "FINISHED"
     trials = sorted(nested_runs(client, parent.info.run_id), key=lambda t: float(t.data.params["stop.env_steps"]))
     assert [t.info.status for t in trials] == ["FINISHED", "FINISHED"]
-    # the finished trial was not run again; the interrupted one reached its budget
+    # max_concurrent_trials 1: the second trial started after the first ended
+    assert trials[1].info.start_time >= trials[0].info.end_time
+    # the finished trial was not run again; the interrupted one continued to its budget
     first_steps = steps(client, trials[0].info.run_id, "env_steps")
     assert first_steps == sorted(set(first_steps)) and first_steps[-1] == 1000
-    assert steps(client, trials[1].info.run_id, "env_steps")[-1] == 6000
+    second_steps = steps(client, trials[1].info.run_id, "env_steps")
+    assert second_steps[-1] == 6000 and second_steps.count(0) == 1  # resumed, not started again
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                pass
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == pid]
+        found += children
+        frontier += children
+    return found
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_failed_trial_is_retried_from_its_checkpoint(tmp_path):
+    text = search_spec("retried", "    seed: {grid: [0]}", concurrent=1, env_steps=8000, extra="  max_failures: 1\n")
+    spec = write_spec(tmp_path, "retry.yaml", text.replace("every_iterations: 2", "every_iterations: 2"))
+    db = tmp_path / "mlflow.db"
+    process = subprocess.Popen([str(BIN / "raysmith"), "tune", str(spec)], cwd=tmp_path, env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # wait for two checkpoints (every 2 iterations of 500 steps)
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the trial never got going"
+            try:
+                with sqlite3.connect(db) as connection:
+                    reached = connection.execute(
+                        "select max(step) from metrics where key = 'env_steps'").fetchone()[0] or 0
+            except sqlite3.Error:
+                reached = 0
+            if reached >= 2500:
+                break
+            time.sleep(0.2)
+        trial_workers = [pid for pid in _descendants(process.pid) if "ImplicitFunc" in _command_line(pid)]
+        assert trial_workers, "no trial worker process found"
+        for pid in trial_workers:
+            os.kill(pid, signal.SIGKILL)  # the trial's process dies mid-run
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err[-3000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    [parent] = client.search_runs([client.get_experiment_by_name("retried").experiment_id],
+                                  filter_string="tags.`raysmith.command` = 'tune'")
+    [trial] = nested_runs(client, parent.info.run_id)
+    assert trial.info.status == "FINISHED" and parent.info.status == "FINISHED"
+    history = steps(client, trial.info.run_id, "env_steps")
+    assert history[-1] == 8000
+    assert history.count(0) == 1  # restarted from a checkpoint, not from scratch
+    assert len(history) > len(set(history))  # iterations after that checkpoint ran twice

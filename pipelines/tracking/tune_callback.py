@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
@@ -42,6 +43,8 @@ class MlflowTrialCallback(Callback):
         run_name: str,
         base_data: dict[str, Any],
         tags: dict[str, str],
+        spec_text: str,
+        spec_file: str,
         step_metric: str,
         curve_metrics: Sequence[str],
         log_checkpoints: bool,
@@ -51,6 +54,8 @@ class MlflowTrialCallback(Callback):
         self.run_name = run_name
         self.base_data = base_data
         self.tags = tags
+        self.spec_text = spec_text
+        self.spec_file = spec_file
         self.step_metric = step_metric
         self.curve_metrics = tuple(curve_metrics)
         self.log_checkpoints = log_checkpoints
@@ -80,7 +85,11 @@ class MlflowTrialCallback(Callback):
                 tags={**self.tags, TAG_TRIAL_ID: trial.trial_id},
                 parent_run_id=self.parent_run_id,
             )
-            tracker.log_params(flatten(deep_merge(self.base_data, trial.config)))
+            resolved = deep_merge(self.base_data, trial.config)
+            tracker.log_params(flatten(resolved))
+            tracker.log_text(yaml.safe_dump(resolved, sort_keys=False), "spec/resolved.yaml")
+            if self.spec_text:
+                tracker.log_text(self.spec_text, f"spec/{self.spec_file}")
         self._trackers[trial.trial_id] = tracker
         return tracker
 
@@ -104,17 +113,23 @@ class MlflowTrialCallback(Callback):
             return
         self._finished.add(trial.trial_id)
         tracker = self._tracker(trial)
-        tracker.log_learning_curve(self.curve_metrics, xlabel=self.step_metric, title=tracker.client.get_run(tracker.run_id).info.run_name)
-        checkpoint = trial.checkpoint
-        if self.log_checkpoints and checkpoint is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                local = checkpoint.to_directory(str(Path(tmp) / "checkpoint"))
-                tracker.log_artifact(local, "checkpoint")
-            tracker.set_tags({"raysmith.checkpoint": checkpoint.path})
-        error_file = getattr(trial, "error_file", None)
-        if status == "FAILED" and error_file and Path(error_file).is_file():
-            tracker.log_artifact(error_file, "error")
-        tracker.finish(status)
+        try:
+            tracker.log_learning_curve(self.curve_metrics, xlabel=self.step_metric,
+                                       title=tracker.client.get_run(tracker.run_id).info.run_name)
+            checkpoint = trial.checkpoint
+            if self.log_checkpoints and checkpoint is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = checkpoint.to_directory(str(Path(tmp) / "checkpoint"))
+                    tracker.log_artifact(local, "checkpoint")
+                tracker.set_tags({"raysmith.checkpoint": checkpoint.path})
+            error_file = getattr(trial, "error_file", None)
+            if status == "FAILED" and error_file and Path(error_file).is_file():
+                tracker.log_artifact(error_file, "error")
+        except Exception:
+            status = "FAILED"  # the record is incomplete: do not call it finished
+            raise
+        finally:
+            tracker.finish(status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._end(trial, "FINISHED")
