@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipelines.errors import BadInput, RunFailed
@@ -56,10 +57,10 @@ def exits(function: Callable) -> Callable:
         try:
             return function(*args, **kwargs)
         except BadInput as error:
-            err.print(f"[bold red]error[/]: {error}", markup=True, highlight=False)
+            err.print(f"[bold red]error[/]: {escape(str(error))}", highlight=False)
             raise typer.Exit(2) from None
         except RunFailed as error:
-            err.print(f"[bold red]failed[/]: {error}", markup=True, highlight=False)
+            err.print(f"[bold red]failed[/]: {escape(str(error))}", highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -90,7 +91,7 @@ def run(
     if restore is not None and not restore.is_dir():
         raise BadInput(f"--restore {restore}: no such checkpoint directory")
     outcome = run_local(loaded, address=address, restore=str(restore) if restore else None, console=err)
-    out.print(f"[bold green]finished[/] {loaded.spec.kind} '{loaded.spec.name}'")
+    out.print(f"[bold green]finished[/] {escape(loaded.spec.kind)} '{escape(loaded.spec.name)}'")
     for key, value in outcome.summary.items():
         out.print(f"  {key}: {format_value(value)}", highlight=False)
     out.print(f"MLflow run {outcome.run_id} (experiment {outcome.experiment_id}) at {outcome.tracking_uri}", highlight=False)
@@ -139,15 +140,16 @@ def submit(
     submission_id = jobs.submit(loaded, address=address, working_dir=working_dir, pip=pip, console=err)
     out.print(submission_id, highlight=False)
     if not follow:
-        err.print(f"follow it with: raysmith jobs logs {submission_id} --follow --address {jobs.dashboard_address(address)}")
+        err.print(f"follow it with: raysmith jobs logs {submission_id} --follow --address {jobs.dashboard_address(address)}",
+                  markup=False)
         return
     client = jobs.job_client(address)
     try:
         status = jobs.follow(client, submission_id)
     except KeyboardInterrupt:
-        err.print(f"stopped following; the job keeps running. Stop it with: raysmith jobs stop {submission_id}")
+        err.print(f"stopped following; the job keeps running. Stop it with: raysmith jobs stop {submission_id}", markup=False)
         raise typer.Exit(1) from None
-    err.print(f"job {submission_id}: {status}")
+    err.print(f"job {submission_id}: {status}", markup=False)
     jobs.finish(client, submission_id, status)
 
 
@@ -173,8 +175,9 @@ def jobs_status(submission_id: str, address: Optional[str] = DashboardOption) ->
     """Status of one job (and its message when it failed)."""
     from pipelines import jobs
 
-    info = jobs.job_client(address).get_job_info(submission_id)
-    out.print(f"{submission_id}: {info.status.value}" + (f" - {info.message}" if info.message else ""), highlight=False)
+    info = jobs.job_call(address, submission_id, "get_job_info")
+    out.print(f"{submission_id}: {info.status.value}" + (f" - {info.message}" if info.message else ""),
+              highlight=False, markup=False)
 
 
 @jobs_app.command("logs")
@@ -187,11 +190,11 @@ def jobs_logs(
     """Print a job's log."""
     from pipelines import jobs
 
-    client = jobs.job_client(address)
+    logs = jobs.job_call(address, submission_id, "get_job_logs")  # also checks that the job exists
     if follow:
-        jobs.follow(client, submission_id)
+        jobs.follow(jobs.job_client(address), submission_id)
     else:
-        sys.stdout.write(client.get_job_logs(submission_id))
+        sys.stdout.write(logs)
 
 
 @jobs_app.command("stop")
@@ -200,8 +203,8 @@ def jobs_stop(submission_id: str, address: Optional[str] = DashboardOption) -> N
     """Ask a running job to stop."""
     from pipelines import jobs
 
-    stopped = jobs.job_client(address).stop_job(submission_id)
-    out.print(f"{submission_id}: {'stop requested' if stopped else 'was not running'}")
+    stopped = jobs.job_call(address, submission_id, "stop_job")
+    out.print(f"{submission_id}: {'stop requested' if stopped else 'was not running'}", markup=False)
 
 
 @cluster_app.command("validate")
@@ -212,7 +215,8 @@ def cluster_validate(file: Path = typer.Argument(Path("cluster.yaml"), help="Clu
 
     config = validate_cluster_file(file)
     types = config.get("available_node_types") or {}
-    out.print(f"{file}: valid ({config['provider']['type']} provider, node types: {', '.join(types) or 'provider default'})")
+    out.print(f"{file}: valid ({config['provider']['type']} provider, node types: {', '.join(types) or 'provider default'})",
+              markup=False, highlight=False)
 
 
 @cluster_app.command("up")

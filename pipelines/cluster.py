@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-import yaml
-
 from pipelines.errors import BadInput, Problem, RunFailed, SpecError
-from pipelines.spec import RaySettings, _line_for, _line_map
+from pipelines.spec import RaySettings, _line_for, _line_map, read_yaml_file
 
 REACH_TIMEOUT_S = 5.0
 DEFAULT_GCS_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
+DEFAULT_CLIENT_PORT = 10001
 
 
 def resolve_address(override: str | None, settings: RaySettings | None = None) -> str | None:
@@ -50,6 +49,8 @@ def check_reachable(address: str, *, default_port: int = DEFAULT_GCS_PORT, timeo
     """Fail fast with a clear message when nothing listens at ``address``."""
     if address == "auto":
         return
+    if address.startswith("ray://"):
+        default_port = DEFAULT_CLIENT_PORT
     host, port = _host_port(address, default_port)
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -166,15 +167,7 @@ def _cross_field_problems(config: dict[str, Any], lines: dict[tuple, int]) -> li
 def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     """The parsed cluster config; raises :class:`SpecError` listing every problem."""
     source = str(path)
-    file = Path(path)
-    if not file.is_file():
-        raise SpecError(source, what="cluster config", problems=[Problem("", "no such file")])
-    text = file.read_text()
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise SpecError(source, what="cluster config", problems=[Problem("", f"not valid YAML: {getattr(err, 'problem', err)}", mark.line + 1 if mark else None)]) from None
+    config, text = read_yaml_file(path, what="cluster config")
     if not isinstance(config, dict):
         raise SpecError(source, what="cluster config", problems=[Problem("", "a cluster config is a mapping of keys to values")])
     lines = _line_map(text)

@@ -16,14 +16,13 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from rich.console import Console
 
 from pipelines.cluster import DEFAULT_DASHBOARD_PORT, check_reachable
 from pipelines.errors import BadInput, Problem, RunFailed, SpecError
 from pipelines.spec import LoadedSpec
-from pipelines.tracking.mlflow_run import git_commit, resolve_tracking_uri
+from pipelines.tracking.mlflow_run import JOB_HOME_NAME, git_commit, is_relative_sqlite
 
 UPLOAD_EXCLUDES = [
     ".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info",
@@ -83,11 +82,6 @@ def project_root(start: Path) -> Path:
     return start
 
 
-def _is_local_host(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
-
-
 def build_submission(
     loaded: LoadedSpec,
     *,
@@ -109,11 +103,14 @@ def build_submission(
         + [f"--set {shlex.quote(item)}" for item in loaded.overrides]
     )
     commit, dirty = git_commit(root)
-    env_vars = {
-        "MLFLOW_TRACKING_URI": resolve_tracking_uri(loaded.spec.tracking.uri),
-        "RAYSMITH_SUBMISSION_ID": submission_id,
-        "PYTHONUNBUFFERED": "1",
-    }
+    env_vars = {"RAYSMITH_SUBMISSION_ID": submission_id, "PYTHONUNBUFFERED": "1"}
+    tracking = loaded.spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking and is_relative_sqlite(tracking):
+        raise BadInput(f"tracking URI {tracking} is a relative path: in a job it would resolve inside Ray's temporary "
+                       "copy of the working dir. Give an absolute sqlite:////path on the head node or an MLflow "
+                       "server URI (http://...), or leave it unset for ~/raysmith/mlflow.db on the head node")
+    if tracking and not loaded.spec.tracking.uri:
+        env_vars["MLFLOW_TRACKING_URI"] = tracking
     if commit:
         env_vars["RAYSMITH_GIT_COMMIT"] = commit
         env_vars["RAYSMITH_GIT_DIRTY"] = "1" if dirty else "0"
@@ -138,13 +135,12 @@ def submit(
 ) -> str:
     console = console or Console(stderr=True)
     request = build_submission(loaded, working_dir=working_dir, pip=pip)
-    url = dashboard_address(address)
-    tracking = request["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"]
-    if not tracking.startswith(("http://", "https://")) and not _is_local_host(url):
-        console.print(f"[yellow]note[/]: the job will record MLflow runs at {tracking} on the cluster's head node; "
-                      "set tracking.uri or MLFLOW_TRACKING_URI to an MLflow server to see them here")
+    tracking = loaded.spec.tracking.uri or request["runtime_env"]["env_vars"].get("MLFLOW_TRACKING_URI")
     client = job_client(address)
-    return client.submit_job(**request)
+    submission_id = client.submit_job(**request)
+    where = tracking or f"sqlite:///~/{JOB_HOME_NAME}/mlflow.db on the node running the job (the head node)"
+    console.print(f"the job records MLflow runs at {where}", markup=False)
+    return submission_id
 
 
 def wait(client, submission_id: str, timeout_s: float = 3600.0, poll_s: float = 1.0) -> str:
@@ -166,6 +162,18 @@ def follow(client, submission_id: str, out=sys.stdout) -> str:
 
     asyncio.run(tail())
     return wait(client, submission_id, timeout_s=60)
+
+
+def job_call(address: str | None, submission_id: str, method: str, *args: Any) -> Any:
+    """``client.<method>(submission_id, ...)``; an unknown id is bad input, not a crash."""
+    client = job_client(address)
+    try:
+        return getattr(client, method)(submission_id, *args)
+    except RuntimeError as err:
+        if "does not exist" in str(err) or "not found" in str(err).lower():
+            known = ", ".join(job.submission_id or job.job_id for job in client.list_jobs()[-5:]) or "none"
+            raise BadInput(f"no job {submission_id!r} at {dashboard_address(address)}; recent jobs: {known}") from None
+        raise
 
 
 def failure_report(client, submission_id: str) -> str:

@@ -6,7 +6,7 @@ import shutil
 import time
 
 import pytest
-from helpers import ROOT, free_port, raysmith, tiny_ppo, write_spec
+from helpers import ROOT, free_port, raysmith, subprocess_env, tiny_ppo, write_spec
 
 COMMANDS = [
     [], ["run"], ["tune"], ["submit"], ["runs"], ["check"], ["kinds"],
@@ -46,14 +46,21 @@ def test_check_prints_resolved_spec(tmp_path):
 
 def test_bad_spec_exits_2_before_ray(tmp_path):
     spec = write_spec(tmp_path, "bad.yaml", tiny_ppo().replace("episodes: 3", "episodes: three"))
+    ray_tmp = tmp_path / "raytmp"
     started = time.monotonic()
-    result = raysmith("run", str(spec), cwd=tmp_path)
+    result = raysmith("run", str(spec), cwd=tmp_path, env=subprocess_env(RAY_TMPDIR=str(ray_tmp)))
     assert result.returncode == 2
     assert f"invalid spec {spec}" in result.stderr
     assert "evaluation.episodes" in result.stderr and "'three'" in result.stderr
-    assert "Ray" not in result.stderr  # refused before Ray started
+    assert not ray_tmp.exists()  # no Ray session was started
     assert time.monotonic() - started < 30
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_error_text_is_printed_verbatim(tmp_path):
+    missing = tmp_path / "[brackets]" / "x.yaml"
+    result = raysmith("check", str(missing), cwd=tmp_path)
+    assert result.returncode == 2 and f"invalid spec {missing}" in result.stderr
 
 
 def test_unknown_option_is_a_usage_error(tmp_path):

@@ -23,6 +23,37 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert artifact_root_for("http://127.0.0.1:5000") is None
 
 
+def test_submitted_jobs_default_to_a_folder_in_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAYSMITH_SUBMISSION_ID", "raysmith-x-1")
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'raysmith' / 'mlflow.db'}"
+    from pipelines.runner import output_root
+
+    assert output_root("raysmith_runs") == tmp_path / "raysmith" / "raysmith_runs"
+    assert output_root("/abs/dir") == Path("/abs/dir")
+
+
+def test_runs_carry_the_code_version_and_host(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+
+    from pipelines.tracking.mlflow_run import environment_tags
+
+    monkeypatch.delenv("RAYSMITH_GIT_COMMIT", raising=False)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    spec = write_spec(tmp_path, "s.yaml", tiny_ppo())
+    git = ["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "add", "s.yaml"], check=True)
+    subprocess.run([*git, "commit", "-qm", "spec"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    tags = environment_tags(str(spec))
+    assert tags["mlflow.source.git.commit"] == head and tags["raysmith.git_dirty"] == "false"
+    assert tags["raysmith.host"] == socket.gethostname()
+    spec.write_text(tiny_ppo() + "# edited\n")
+    assert environment_tags(str(spec))["raysmith.git_dirty"] == "true"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as started:

@@ -34,19 +34,40 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 
 
+JOB_HOME_NAME = "raysmith"
+
+
+def job_home() -> Path | None:
+    """``~/raysmith`` on the node running a job submitted by ``raysmith submit``, else None.
+
+    A job's working directory is a copy Ray deletes later; its default MLflow store and
+    run folders go here instead.
+    """
+    if not os.environ.get("RAYSMITH_SUBMISSION_ID"):
+        return None
+    home = Path.home() / JOB_HOME_NAME
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
 def resolve_tracking_uri(spec_uri: str | None = None, cwd: Path | None = None) -> str:
-    """The URI runs go to: the spec's, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``.
+    """The URI runs go to: the spec's, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``
+    (``~/raysmith/mlflow.db`` inside a submitted job).
 
     Relative SQLite paths are made absolute so that a job, a Tune trial and ``mlflow ui``
     started elsewhere all read the same file.
     """
     uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    base = (cwd or Path.cwd()).resolve()
+    base = (cwd or job_home() or Path.cwd()).resolve()
     if not uri:
         return f"sqlite:///{base / DEFAULT_DB_NAME}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+    if is_relative_sqlite(uri):
         return f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
     return uri
+
+
+def is_relative_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")
 
 
 def artifact_root_for(uri: str) -> str | None:
@@ -128,7 +149,8 @@ def environment_tags(spec_file: str | None = None) -> dict[str, str]:
     return tags
 
 
-def _finite_number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number, else None."""
     if isinstance(value, bool):
         return float(value)
     try:
@@ -141,11 +163,11 @@ def _finite_number(value: Any) -> float | None:
 class RunTracker:
     """One MLflow run: params, metrics with steps, tags, artifacts, and its end."""
 
-    def __init__(self, uri: str, run_id: str, experiment_id: str):
+    def __init__(self, uri: str, run_id: str, experiment_id: str, client=None):
         self.uri = uri
         self.run_id = run_id
         self.experiment_id = experiment_id
-        self.client = make_client(uri)
+        self.client = client or make_client(uri)
 
     @classmethod
     def start(
@@ -162,9 +184,7 @@ class RunTracker:
         if parent_run_id:
             all_tags[TAG_PARENT] = parent_run_id
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-        tracker = cls(uri, run.info.run_id, experiment_id)
-        tracker.client = client
-        return tracker
+        return cls(uri, run.info.run_id, experiment_id, client)
 
     @classmethod
     def reopen(cls, uri: str, run_id: str) -> "RunTracker":
@@ -172,9 +192,7 @@ class RunTracker:
         run = client.get_run(run_id)
         if run.info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
-        tracker = cls(uri, run_id, run.info.experiment_id)
-        tracker.client = client
-        return tracker
+        return cls(uri, run_id, run.info.experiment_id, client)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -195,7 +213,7 @@ class RunTracker:
         now = int(time.time() * 1000)
         logged = {}
         for key, value in metrics.items():
-            number = _finite_number(value)
+            number = finite_number(value)
             if number is not None:
                 logged[key] = number
         items = [Metric(key, value, now, int(step)) for key, value in logged.items()]
