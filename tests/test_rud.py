@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -239,11 +241,14 @@ def test_a_killed_env_runner_is_replaced_and_training_continues():
         updates = learner.critic_updates
         victim = algo.env_runner_group._worker_manager._actors[1]
         ray.kill(victim, no_restart=False)  # a crash: Ray restarts the actor process
-        for _ in range(10):  # RLlib probes unhealthy runners between iterations
+        # RLlib probes unhealthy runners between iterations; a loaded machine restarts slowly
+        restarts, deadline = 0, time.monotonic() + 240
+        while time.monotonic() < deadline:
             result = algo.train()
+            restarts = max(restarts, result["fault_tolerance"]["num_remote_worker_restarts"])
             if algo.env_runner_group.num_healthy_remote_workers() == 2:
                 break
-        assert result["fault_tolerance"]["num_remote_worker_restarts"] >= 1
+        assert restarts >= 1
         assert algo.env_runner_group.num_healthy_remote_workers() == 2
         assert learner.critic_updates > updates  # the Learner kept its state throughout
         result = algo.train()  # and both runners sample the next block
