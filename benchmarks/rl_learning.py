@@ -9,6 +9,7 @@ deviation over seeds, and the mean of the last three evaluations) and writes it 
 
     python benchmarks/rl_learning.py --steps 200000 --seeds 0 1 2 --tasks halfcheetah hopper
     python benchmarks/rl_learning.py --summary-only     # table from what is recorded
+    python benchmarks/rl_learning.py --summary-only --plot docs/rl_learning.png
 
 ``--parallel 2`` runs two at a time with one math thread each, which gets more env steps
 per second out of 2 cores than one run with two threads (sampling is single-threaded).
@@ -114,6 +115,34 @@ def markdown(table: dict, steps: int) -> str:
     return "\n".join(lines)
 
 
+def plot(table: dict, path: Path) -> None:
+    """Mean evaluation return over seeds against env steps (band: min to max), one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    figure, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 3.6), squeeze=False)
+    for axis, (task, rows) in zip(axes[0], table.items()):
+        for algorithm, row in rows.items():
+            # seeds share the evaluation cadence; keep the steps every seed reached
+            common = sorted(set.intersection(*(set(dict(curve)) for curve in row["curves"].values())))
+            values = [[dict(curve)[step] for step in common] for curve in row["curves"].values()]
+            mean = [statistics.fmean(column) for column in zip(*values)]
+            axis.plot(common, mean, label=f"{algorithm.upper()} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})")
+            axis.fill_between(common, [min(c) for c in zip(*values)], [max(c) for c in zip(*values)], alpha=0.2)
+        axis.set_title(task)
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
+        axis.set_xlabel("env steps")
+        axis.set_ylabel("evaluation return")
+        axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200_000)
@@ -127,6 +156,7 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'benchmarks' / 'results' / 'rl_learning.db'}")
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results" / "rl_learning_runs"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "rl_learning.json"))
+    parser.add_argument("--plot", help="also draw the learning curves to this PNG")
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +174,8 @@ def main() -> None:
     table = summarise(args)
     Path(args.json).write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "results": table}, indent=1))
     print(markdown(table, args.steps))
+    if args.plot and table:
+        plot(table, Path(args.plot))
 
 
 if __name__ == "__main__":
