@@ -110,7 +110,7 @@ class TuneSession(Session):
             self._last_checkpoint_time = state.get("last_checkpoint_time", 0.0)
 
     def checkpoint_due(self, iteration: int, every: int, metrics: Mapping[str, Any] | None = None) -> bool:
-        due = iteration % every == 0
+        due = super().checkpoint_due(iteration, every, metrics)
         if self.checkpoint_every is not None and metrics is not None:
             attribute, interval = self.checkpoint_every
             value = metrics.get(attribute)
