@@ -91,3 +91,29 @@ def test_spec_tracking_uri_wins_over_the_environment(server, tmp_path):
     client = MlflowClient(server.uri)
     [run] = client.search_runs([client.get_experiment_by_name("pinned-exp").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["evaluation.enabled"] == "False"
+
+
+def test_trial_metrics_pair_a_result_with_the_config_that_produced_it(tmp_path):
+    """Tune asks PBT before the callbacks: by then an exploited trial already holds its next
+    config. The values logged with a result must be those the trial ran with."""
+    from types import SimpleNamespace
+
+    from pipelines.tracking.mlflow_run import RunTracker
+    from pipelines.tracking.tune_callback import MlflowTrialCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = RunTracker.start(uri, "pbt", "search")
+    callback = MlflowTrialCallback(
+        uri, parent.run_id, "search", base_data={}, tags={}, spec_text="", spec_file="s.yaml",
+        step_metric="env_steps", curve_metrics=["env_steps"], log_checkpoints=False,
+    )
+    trial = SimpleNamespace(trial_id="t0", experiment_tag="0", config={"training": {"lr": 0.003}}, checkpoint=None)
+    callback.on_trial_start(0, [trial], trial)
+    trial.config = {"training": {"lr": 0.0036}}  # PBT's exploit, decided on the result below
+    result = {"env_steps": 500, "learner/lr": 0.003, "config": {"training": {"lr": 0.003}}}
+    callback.on_trial_result(0, [trial], trial, result)
+    client = MlflowClient(uri)
+    run_id = callback._trackers["t0"].run_id
+    history = client.get_metric_history(run_id, "config/training.lr")
+    assert [(m.step, m.value) for m in history] == [(500, 0.003)]
+    assert "config" not in client.get_run(run_id).data.metrics

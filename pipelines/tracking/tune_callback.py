@@ -100,10 +100,13 @@ class MlflowTrialCallback(Callback):
         carried = set(filter(None, str(result.get(CARRIED_KEY, "")).split(",")))
         metrics = {
             key: value for key, value in result.items()
-            if key not in _TUNE_KEYS and key not in carried and not key.startswith("config/")
+            if key not in _TUNE_KEYS and key not in carried and key != "config" and not key.startswith("config/")
         }
-        # the searched values as metrics too: PBT changes them during a trial
-        for key, value in flatten(trial.config).items():
+        # the searched values as metrics too: PBT changes them during a trial. The result's own
+        # config is the one that produced it; trial.config may already hold the next exploit's
+        # values, since Tune asks the scheduler before the callbacks.
+        config = result.get("config")
+        for key, value in flatten(config if isinstance(config, dict) else trial.config).items():
             metrics[f"config/{key}"] = value
         step = result.get(self.step_metric, result.get("training_iteration", 0))
         self._tracker(trial).log_metrics(metrics, step=int(step))
