@@ -11,4 +11,7 @@ ALGORITHMS: dict[str, str] = {
     "RUD": "agents.rud:RUD",
     "TD3": "agents.rud:TD3",
     "DDPG": "agents.rud:DDPG",
+    "NROWAN": "agents.nrowan:NROWAN",
+    "NoisyNetDQN": "agents.nrowan:NoisyNetDQN",
+    "EpsilonGreedyDQN": "agents.nrowan:EpsilonGreedyDQN",
 }

@@ -1,12 +1,19 @@
-"""Env steps per second at one gradient update per env step: raysmith RUD and TD3 vs SB3 TD3.
+"""Env steps per second at one gradient update per env step: raysmith vs Stable-Baselines3.
 
-Same task, network (256-256), batch (256) and update rule for all three, each measured in
-its own process on this machine, after a warm-up that fills the replay buffer. Prints the
-rates, their ratios to Stable-Baselines3's TD3, and the ceiling that this machine's matrix
-multiply speed sets (one TD3 update is a fixed amount of arithmetic).
+Two suites, each measured in one run on this machine, every algorithm in its own process,
+after a warm-up that fills the replay buffer:
+
+- ``td3`` (default): raysmith RUD and TD3 vs SB3 TD3 on HalfCheetah-v5: same network
+  (256-256), batch (256) and update rule. Also prints the ceiling that this machine's matrix
+  multiply speed sets (one TD3 update is a fixed amount of arithmetic).
+- ``dqn``: raysmith NROWAN-DQN and DQN vs SB3 DQN at the NROWAN paper's settings on
+  CartPole-v0: 128-128 network, batch 32, Adam 1e-4, replay 10,000, target copy every 1,000.
+  SB3's DQN has no noisy layers: raysmith's DQN is the like-for-like row, NROWAN-DQN shows
+  what the noise costs on top.
 
     python benchmarks/rl_throughput.py                      # HalfCheetah-v5, 5000 timed steps
     python benchmarks/rl_throughput.py --steps 2000 --only rud,sb3
+    python benchmarks/rl_throughput.py --suite dqn --steps 10000 --threads 1
 
 Needs stable-baselines3 (`pip install stable-baselines3`).
 """
@@ -84,6 +91,46 @@ def measure_raysmith(algorithm: str, env: str, warmup: int, steps: int) -> dict:
             "updates": [r.get() for r in updates][0]}
 
 
+def measure_raysmith_dqn(algorithm: str, env: str, warmup: int, steps: int) -> dict:
+    import ray
+
+    from agents.nrowan import DQNConfig, NROWANConfig
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    config_class = {"nrowan": NROWANConfig, "dqn": DQNConfig}[algorithm]
+    algo = config_class().environment(env).debugging(seed=0).build_algo()  # the paper preset
+
+    def lifetime(result):
+        return int(result["env_runners"]["num_env_steps_sampled_lifetime"])
+
+    done = 0
+    while done < warmup:
+        done = lifetime(algo.train())
+    start_steps, start = done, time.perf_counter()
+    while done < start_steps + steps:
+        done = lifetime(algo.train())
+    elapsed = time.perf_counter() - start
+    updates = algo.learner_group._learner.num_updates
+    algo.stop()
+    ray.shutdown()
+    return {"steps_per_s": (done - start_steps) / elapsed, "env_steps": done - start_steps, "updates": updates}
+
+
+def measure_sb3_dqn(env: str, warmup: int, steps: int) -> dict:
+    import gymnasium as gym
+    from stable_baselines3 import DQN
+
+    model = DQN(
+        "MlpPolicy", gym.make(env), learning_rate=1e-4, buffer_size=10_000, learning_starts=32, batch_size=32,
+        train_freq=1, gradient_steps=1, target_update_interval=1000, gamma=0.99,
+        policy_kwargs={"net_arch": [128, 128]}, seed=0, device="cpu", verbose=0,
+    )
+    model.learn(warmup)
+    start = time.perf_counter()
+    model.learn(steps, reset_num_timesteps=False)
+    return {"steps_per_s": steps / (time.perf_counter() - start), "env_steps": steps}
+
+
 def measure_sb3(env: str, warmup: int, steps: int) -> dict:
     import gymnasium as gym
     import numpy as np
@@ -109,6 +156,8 @@ def run_worker(name: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--env", args.env,
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
     environment = dict(os.environ, PYTHONWARNINGS="ignore")
+    if args.threads:
+        environment.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     output = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
     lines = [line for line in output.stdout.splitlines() if line.startswith("{")]
     if output.returncode != 0 or not lines:
@@ -116,24 +165,41 @@ def run_worker(name: str, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1])
 
 
-LABELS = {"rud": "raysmith RUD (update_interval 1000)", "td3": "raysmith TD3", "sb3": "Stable-Baselines3 TD3"}
+LABELS = {"rud": "raysmith RUD (update_interval 1000)", "td3": "raysmith TD3", "sb3": "Stable-Baselines3 TD3",
+          "nrowan": "raysmith NROWAN-DQN", "dqn": "raysmith DQN", "sb3dqn": "Stable-Baselines3 DQN"}
+SUITES = {
+    "td3": {"env": "HalfCheetah-v5", "warmup": 2000, "steps": 5000, "only": "rud,td3,sb3", "peer": "sb3"},
+    "dqn": {"env": "CartPole-v0", "warmup": 1000, "steps": 10000, "only": "nrowan,dqn,sb3dqn", "peer": "sb3dqn"},
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="HalfCheetah-v5")
-    parser.add_argument("--warmup", type=int, default=2000, help="random-action steps before learning")
-    parser.add_argument("--steps", type=int, default=5000, help="timed env steps (one update each)")
-    parser.add_argument("--only", default="rud,td3,sb3")
+    parser.add_argument("--suite", choices=list(SUITES), default="td3")
+    parser.add_argument("--env", help="default: the suite's (HalfCheetah-v5, CartPole-v0)")
+    parser.add_argument("--warmup", type=int, help="steps before timing (random actions for TD3; default 2000 / 1000)")
+    parser.add_argument("--steps", type=int, help="timed env steps, one update each (default 5000 / 10000)")
+    parser.add_argument("--only", help="comma-separated subset of the suite's algorithms")
+    parser.add_argument("--threads", type=int, help="math threads per process (default: PyTorch's)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    suite = SUITES[args.suite]
+    for name in ("env", "warmup", "steps", "only"):
+        if getattr(args, name) is None:
+            setattr(args, name, suite[name])
 
     if args.worker:
-        if args.worker == "sb3":
-            result = measure_sb3(args.env, args.warmup, args.steps)
+        measure = {"sb3": measure_sb3, "sb3dqn": measure_sb3_dqn}.get(args.worker)
+        if measure is not None:
+            result = measure(args.env, args.warmup, args.steps)
+        elif args.worker in ("nrowan", "dqn"):
+            result = measure_raysmith_dqn(args.worker, args.env, args.warmup, args.steps)
         else:
             result = measure_raysmith(args.worker, args.env, args.warmup, args.steps)
         print(json.dumps(result), flush=True)
+        return
+    if args.suite == "dqn":
+        run_suite(args, suite["peer"], ceiling=None)
         return
 
     import gymnasium as gym
@@ -146,19 +212,22 @@ def main() -> None:
     ceiling = gflops * 1e9 / flops
     print(f"{args.env}: one update = {flops / 1e9:.3f} GFLOP; {torch.get_num_threads()} threads do "
           f"{gflops:.0f} GFLOP/s of {HIDDEN}x{HIDDEN} sgemm -> at most {ceiling:.0f} updates/s", flush=True)
+    run_suite(args, suite["peer"], ceiling, {"gflop_per_update": flops / 1e9, "sgemm_gflops": gflops})
 
+
+def run_suite(args: argparse.Namespace, peer: str, ceiling: float | None, extra: dict | None = None) -> None:
     results = {}
     for name in args.only.split(","):
         results[name] = run_worker(name, args)
         print(f"  {LABELS[name]:40s} {results[name]['steps_per_s']:7.1f} env steps/s", flush=True)
-    if "sb3" in results:
-        base = results["sb3"]["steps_per_s"]
-        print(f"ratios to SB3 TD3 (ceiling {ceiling / base:.2f}x):")
+    if peer in results:
+        base = results[peer]["steps_per_s"]
+        bound = f" (ceiling {ceiling / base:.2f}x)" if ceiling else ""
+        print(f"ratios to {LABELS[peer]}{bound}:")
         for name, result in results.items():
-            if name != "sb3":
+            if name != peer:
                 print(f"  {LABELS[name]:40s} {result['steps_per_s'] / base:5.2f}x")
-    print(json.dumps({"env": args.env, "gflop_per_update": flops / 1e9, "sgemm_gflops": gflops,
-                      "results": results}))
+    print(json.dumps({"env": args.env, "threads": args.threads, **(extra or {}), "results": results}))
 
 
 if __name__ == "__main__":

@@ -40,15 +40,25 @@ def episodes_to_transitions(episodes: Iterable[Any]) -> dict[str, np.ndarray]:
 
 
 class TransitionBuffer:
-    """Fixed-capacity FIFO of transitions; the oldest are overwritten when full."""
+    """Fixed-capacity FIFO of transitions; the oldest are overwritten when full.
 
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device | str = "cpu"):
+    ``extra_fields`` names further per-transition scalars an algorithm stores beside
+    (s, a, r, s', terminated), e.g. NROWAN-DQN's episode return so far.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device | str = "cpu",
+                 extra_fields: tuple[str, ...] = ()):
         if capacity < 1:
             raise ValueError(f"replay capacity must be positive, got {capacity}")
         self.capacity = capacity
         self.device = torch.device(device)
         shapes = {"obs": (obs_dim,), "actions": (act_dim,), "rewards": (), "next_obs": (obs_dim,), "terminateds": ()}
+        shapes.update({name: () for name in extra_fields})
+        self.fields = tuple(shapes)
         self.storage = {name: torch.zeros((capacity, *shape), device=self.device) for name, shape in shapes.items()}
+        # on the CPU, writes go through numpy views of the same memory: a one-step add (DQN,
+        # TD3) then costs microseconds instead of a tensor conversion per field
+        self._views = {name: values.numpy() for name, values in self.storage.items()} if self.device.type == "cpu" else None
         self.position = 0
         self.size = 0
         self.added = 0
@@ -65,12 +75,24 @@ class TransitionBuffer:
             transitions = {name: values[-self.capacity :] for name, values in transitions.items()}
             count = self.capacity
         first = min(count, self.capacity - self.position)
-        for name in FIELDS:
+        if self._views is not None and all(isinstance(transitions[name], np.ndarray) for name in self.fields):
+            for name in self.fields:
+                view = self._views[name]
+                values = transitions[name].reshape(count, *view.shape[1:])
+                view[self.position : self.position + first] = values[:first]
+                if first < count:
+                    view[: count - first] = values[first:]
+            self._advance(count)
+            return
+        for name in self.fields:
             values = torch.as_tensor(transitions[name], dtype=torch.float32, device=self.device)
             values = values.reshape(count, *self.storage[name].shape[1:])
             self.storage[name][self.position : self.position + first] = values[:first]
             if first < count:
                 self.storage[name][: count - first] = values[first:]
+        self._advance(count)
+
+    def _advance(self, count: int) -> None:
         self.position = (self.position + count) % self.capacity
         self.size = min(self.size + count, self.capacity)
         self.added += count

@@ -34,6 +34,7 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
+from agents.common.off_policy import UpdateCreditMixin, replay_config_errors
 from agents.common.replay import episodes_to_transitions
 from agents.rud.rud_rl_module import DEFAULT_MODEL_CONFIG
 
@@ -111,11 +112,7 @@ class RUDConfig(AlgorithmConfig):
 
     def validate(self) -> None:
         super().validate()
-        errors = []
-        if int(self.update_interval) < 1:
-            errors.append(f"update_interval must be >= 1, got {self.update_interval}")
-        if self.updates_per_step < 0:
-            errors.append(f"updates_per_step must be >= 0, got {self.updates_per_step}")
+        errors = replay_config_errors(self, "RUD")
         if int(self.policy_delay) < 1:
             errors.append(f"policy_delay must be >= 1, got {self.policy_delay}")
         if not 0 < self.tau <= 1:
@@ -126,15 +123,6 @@ class RUDConfig(AlgorithmConfig):
             value = getattr(self, name)
             if isinstance(value, (int, float)) and value <= 0:
                 errors.append(f"{name} must be positive, got {value}")
-        if self.replay_capacity < self.train_batch_size_per_learner:
-            errors.append("replay_capacity must hold at least one minibatch (train_batch_size_per_learner)")
-        if self.num_learners > 1:
-            errors.append("RUD trains on one Learner that owns the replay buffer: num_learners must be 0 "
-                          f"(in the driver) or 1 (a remote Learner, e.g. on a GPU); got {self.num_learners}")
-        if self.grad_clip is not None:
-            errors.append("grad_clip is not part of TD3/RUD and is not applied; leave it unset")
-        if self.is_multi_agent:
-            errors.append("RUD is single-agent")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -158,7 +146,7 @@ class RUDConfig(AlgorithmConfig):
         }
 
 
-class RUD(Algorithm):
+class RUD(UpdateCreditMixin, Algorithm):
     """Collect a block, learn on it, repeat. One ``train()`` call is one block."""
 
     model_config_keys = tuple(DEFAULT_MODEL_CONFIG)
@@ -239,13 +227,6 @@ class RUD(Algorithm):
         learner_metrics = self.learner_group.foreach_learner(lambda learner: learner.reduce_metrics())
         self.metrics.aggregate([result.get() for result in learner_metrics], key=LEARNER_RESULTS)
 
-    def _runner_metrics(self) -> list:
-        group = self.env_runner_group
-        if group.num_remote_env_runners() == 0:
-            return [group.local_env_runner.get_metrics()]
-        return group.foreach_env_runner(lambda runner: runner.get_metrics(), local_env_runner=False,
-                                        timeout_seconds=self.config.sample_timeout_s)
-
     def _sample_block(self, num_steps: int, lifetime: int) -> list:
         """``num_steps`` env steps from the EnvRunners, split evenly over the healthy ones.
 
@@ -268,15 +249,6 @@ class RUD(Algorithm):
             timeout_seconds=self.config.sample_timeout_s,
         )
         return [episode for sampled in results for episode in sampled]
-
-    def get_state(self, *args, **kwargs) -> dict[str, Any]:
-        state = super().get_state(*args, **kwargs)
-        state["update_credit"] = self._update_credit
-        return state
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        super().set_state(state)
-        self._update_credit = float(state.get("update_credit", 0.0))
 
 
 class TD3Config(RUDConfig):

@@ -21,6 +21,7 @@ from ray.rllib.core.rl_module.apis import TargetNetworkAPI
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, NUM_ENV_STEPS_TRAINED
 
 from agents.common.learning_rates import apply_learning_rate_schedules
+from agents.common.off_policy import ReplayLearnerStateMixin
 from agents.common.replay import TransitionBuffer
 from agents.rud.rud_rl_module import NEXT_OBS, Q_TARGET, Q_VALUES, SMOOTHING_NOISE
 
@@ -29,7 +30,7 @@ CRITIC_OPTIMIZER = "critic"
 ACTOR_OPTIMIZER = "actor"
 
 
-class RUDTorchLearner(TorchLearner):
+class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
     def build(self) -> None:
         super().build()
         self.module.foreach_module(
@@ -168,23 +169,9 @@ class RUDTorchLearner(TorchLearner):
                 self._actor_steps_since_reduce += 1
                 self.actor_updates += 1
 
-    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
-        state = super().get_state(components, not_components=not_components, **kwargs)
-        # weight syncs ask for the rl_module only; checkpoints ask for everything
-        if self._check_component("update_counters", components, not_components):
-            state["update_counters"] = {"critic": self.critic_updates, "actor": self.actor_updates}
-            state["generator"] = self.generator.get_state()
-        if self.config.checkpoint_replay_buffer and self._check_component("replay_buffer", components, not_components):
-            state["replay_buffer"] = self.replay.get_state()
-        return state
+    def _counters(self) -> dict[str, int]:
+        return {"critic": self.critic_updates, "actor": self.actor_updates}
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        super().set_state(state)
-        counters = state.get("update_counters")
-        if counters:
-            self.critic_updates = int(counters["critic"])
-            self.actor_updates = int(counters["actor"])
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
-        if "replay_buffer" in state:
-            self.replay.set_state(state["replay_buffer"])
+    def _set_counters(self, counters: dict[str, int]) -> None:
+        self.critic_updates = int(counters["critic"])
+        self.actor_updates = int(counters["actor"])

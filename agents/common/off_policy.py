@@ -1,0 +1,82 @@
+"""What raysmith's off-policy algorithms (RUD/TD3/DDPG, NROWAN-DQN/NoisyNet-DQN/DQN) share.
+
+Both own their replay buffer in one Learner, collect ``update_interval`` env steps between
+rounds of ``updates_per_step`` updates per step, and checkpoint the same extra state: the
+Algorithm's fractional update credit, the Learner's counters, minibatch generator and,
+optionally, replay buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def replay_config_errors(config: Any, name: str) -> list[str]:
+    """Problems with the settings every replay-owning algorithm of raysmith reads."""
+    errors = []
+    if int(config.update_interval) < 1:
+        errors.append(f"update_interval must be >= 1, got {config.update_interval}")
+    if config.updates_per_step < 0:
+        errors.append(f"updates_per_step must be >= 0, got {config.updates_per_step}")
+    if config.replay_capacity < config.train_batch_size_per_learner:
+        errors.append("replay_capacity must hold at least one minibatch (train_batch_size_per_learner)")
+    if config.num_learners > 1:
+        errors.append(f"{name} trains on one Learner that owns the replay buffer: num_learners must be 0 "
+                      f"(in the driver) or 1 (a remote Learner, e.g. on a GPU); got {config.num_learners}")
+    if config.grad_clip is not None:
+        errors.append(f"grad_clip is not part of {name} and is not applied; leave it unset")
+    if config.is_multi_agent:
+        errors.append(f"{name} is single-agent")
+    return errors
+
+
+class UpdateCreditMixin:
+    """An Algorithm that carries fractional updates between blocks, through checkpoints too."""
+
+    _update_credit: float = 0.0
+
+    def _runner_metrics(self) -> list:
+        group = self.env_runner_group
+        if group.num_remote_env_runners() == 0:
+            return [group.local_env_runner.get_metrics()]
+        return group.foreach_env_runner(lambda runner: runner.get_metrics(), local_env_runner=False,
+                                        timeout_seconds=self.config.sample_timeout_s)
+
+    def get_state(self, *args, **kwargs) -> dict[str, Any]:
+        state = super().get_state(*args, **kwargs)
+        state["update_credit"] = self._update_credit
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self._update_credit = float(state.get("update_credit", 0.0))
+
+
+class ReplayLearnerStateMixin:
+    """A Learner whose checkpoints hold its update counters, its minibatch generator and,
+    with ``checkpoint_replay_buffer``, its replay buffer. Weight syncs ask for the module
+    only and get none of these."""
+
+    def _counters(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def _set_counters(self, counters: dict[str, int]) -> None:
+        raise NotImplementedError
+
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if self._check_component("update_counters", components, not_components):
+            state["update_counters"] = self._counters()
+            state["generator"] = self.generator.get_state()
+        if self.config.checkpoint_replay_buffer and self._check_component("replay_buffer", components, not_components):
+            state["replay_buffer"] = self.replay.get_state()
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        if state.get("update_counters"):
+            self._set_counters(state["update_counters"])
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        if "replay_buffer" in state:
+            self.replay.set_state(state["replay_buffer"])

@@ -1,0 +1,168 @@
+"""The Learner of NROWAN-DQN, NoisyNet-DQN and DQN: a replay buffer and a tight update loop.
+
+One update, top to bottom (Han et al., arXiv 2006.10980):
+
+    y       = r + gamma * (1 - terminated) * max_b Q_target(s', b)        (fresh noise)
+    TD      = mean (Q(s, a) - y)^2                                         (fresh noise)
+    D       = (sum |sigma_w| + sum |sigma_b|) / ((p* + 1) * N_a)           output layer only
+    k_i     = clip(k_final * (R+_i - R_min) / (R_max - R_min), 0, k_final) per transition
+    loss    = TD + mean_i(k_i) * D
+
+R+ is the reward accumulated in the transition's episode up to and including its own
+reward; the EnvRunner records it with each transition. ``k_final = 0`` is NoisyNet-DQN.
+The target network is a hard copy every ``target_update_interval`` updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from ray.rllib.core import ALL_MODULES, DEFAULT_MODULE_ID
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.core.rl_module.apis import TargetNetworkAPI
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, NUM_ENV_STEPS_TRAINED
+
+from agents.common.learning_rates import apply_learning_rate_schedules
+from agents.common.off_policy import ReplayLearnerStateMixin
+from agents.common.replay import TransitionBuffer
+from agents.nrowan.nrowan_rl_module import Q_VALUES
+
+TD_TARGET = "td_target"
+RETURN_SO_FAR = "return_so_far"
+"""Replay column: R+, the episode's reward accumulated up to and including this transition."""
+
+
+def noise_weight(return_so_far: torch.Tensor, k_final: float, r_min: float, r_max: float) -> torch.Tensor:
+    """Online weight adjustment: k = clip(k_final * (R+ - R_min) / (R_max - R_min), 0, k_final)."""
+    return (k_final * (return_so_far - r_min) / (r_max - r_min)).clamp(0.0, k_final)
+
+
+def noise_level(layer) -> torch.Tensor:
+    """D of a noisy layer: (sum |sigma_w| + sum |sigma_b|) / ((p* + 1) * N_a)."""
+    fan_out, fan_in = layer.weight_sigma.shape
+    return (layer.weight_sigma.abs().sum() + layer.bias_sigma.abs().sum()) / ((fan_in + 1) * fan_out)
+
+
+class NROWANTorchLearner(ReplayLearnerStateMixin, TorchLearner):
+    def build(self) -> None:
+        super().build()
+        self.module.foreach_module(
+            lambda _, module: module.make_target_networks() if isinstance(module, TargetNetworkAPI) else None
+        )
+        module = self.module[DEFAULT_MODULE_ID]
+        self.replay = TransitionBuffer(self.config.replay_capacity, module.obs_dim, 1, self._device,
+                                       extra_fields=(RETURN_SO_FAR,))
+        self.return_bounds = self.config.return_bounds() or (0.0, 1.0)  # unused when k_final = 0
+        self.generator = torch.Generator(device=self._device)
+        self.generator.manual_seed(int(self.config.seed or 0) + 7919)
+        self.num_updates = 0
+        self._totals = torch.zeros(4, device=self._device)  # td loss, D, mean k, Q mean
+        self._updates_since_reduce = 0
+
+    def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
+        module = self._module[module_id]
+        params = list(module.q.parameters())
+        fused = self._device is None or torch.device(self._device).type in ("cpu", "cuda")  # same maths, fewer kernels
+        self.register_optimizer(module_id=module_id, optimizer_name="q", optimizer=torch.optim.Adam(params, fused=fused),
+                                params=params, lr_or_lr_schedule=config.lr)
+
+    def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict[str, Any],
+                                fwd_out: dict[str, Any]) -> torch.Tensor:
+        """TD loss + mean(k) * D for a minibatch with its targets (``batch[TD_TARGET]``).
+
+        The terms are kept in ``self.last_terms`` (TD loss, D, mean k, mean Q(s, a)) for metrics.
+        """
+        module = self.module[module_id]
+        q_taken = fwd_out[Q_VALUES].gather(-1, batch["actions"].long().reshape(-1, 1)).squeeze(-1)
+        td_loss = (q_taken - batch[TD_TARGET]).pow(2).mean()
+        level = noise_level(module.q.output_layer) if module.noisy else None
+        k = None
+        loss = td_loss
+        if module.noisy and config.k_final > 0:
+            k = noise_weight(batch[RETURN_SO_FAR], config.k_final, *self.return_bounds).mean()
+            loss = td_loss + k * level
+        self.last_terms = (td_loss, level, k, q_taken)
+        return loss
+
+    def learn_block(self, transitions: Mapping[str, np.ndarray], num_updates: int,
+                    timesteps: Mapping[str, Any]) -> int:
+        """Add fresh transitions to the replay buffer, then run ``num_updates`` updates.
+
+        Returns the number of updates run: none while the buffer holds fewer than
+        ``learning_starts`` transitions (or one minibatch, whichever is more).
+        """
+        self.replay.add(transitions)
+        if len(self.replay) < max(self.config.learning_starts, self.config.train_batch_size_per_learner):
+            num_updates = 0
+        if num_updates > 0:
+            apply_learning_rate_schedules(self, timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
+            self._updates(self.module[DEFAULT_MODULE_ID], num_updates)
+            self._weights_seq_no += 1
+        self._updates_since_reduce += num_updates
+        return num_updates
+
+    def _updates(self, module, num_updates: int) -> None:
+        config = self.config
+        batch_size = config.train_batch_size_per_learner
+        indices = torch.randint(0, len(self.replay), (num_updates, batch_size), generator=self.generator,
+                                device=self._device)
+        optimizer = self.get_optimizer(DEFAULT_MODULE_ID, "q")
+        module_config = config.get_config_for_module(DEFAULT_MODULE_ID)
+        q, target_q, noisy = module.q, module.target_q, module.noisy
+        gamma, interval = config.gamma, int(config.target_update_interval)
+        totals = self._totals
+        for update in range(num_updates):
+            batch = self.replay.gather(indices[update])
+            with torch.no_grad():
+                next_q = target_q(batch["next_obs"], noisy=noisy).max(-1).values
+                batch[TD_TARGET] = batch["rewards"] + gamma * (1.0 - batch["terminateds"]) * next_q
+            fwd_out = {Q_VALUES: q(batch["obs"], noisy=noisy)}
+            loss = self.compute_loss_for_module(module_id=DEFAULT_MODULE_ID, config=module_config, batch=batch,
+                                                fwd_out=fwd_out)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            self.num_updates += 1
+            if self.num_updates % interval == 0:
+                with torch.no_grad():
+                    torch._foreach_copy_(list(target_q.parameters()), list(q.parameters()))
+            td_loss, level, k, q_taken = self.last_terms
+            with torch.no_grad():
+                totals[0] += td_loss
+                totals[3] += q_taken.mean()
+                if level is not None:
+                    totals[1] += level
+                if k is not None:
+                    totals[2] += k
+
+    def reduce_metrics(self) -> dict[str, Any]:
+        """Means over the updates since the last call (TD loss, D, k, Q) and each noisy layer's
+        mean |sigma| at the end of them."""
+        done = self._updates_since_reduce
+        log = self.metrics.log_value
+        module = self.module[DEFAULT_MODULE_ID]
+        if done:
+            values = (self._totals / done).tolist()
+            log((DEFAULT_MODULE_ID, "td_loss"), values[0], reduce="mean", window=1)
+            log((DEFAULT_MODULE_ID, "q_mean"), values[3], reduce="mean", window=1)
+            if module.noisy:
+                log((DEFAULT_MODULE_ID, "noise_D"), values[1], reduce="mean", window=1)
+                log((DEFAULT_MODULE_ID, "noise_k"), values[2], reduce="mean", window=1)
+        with torch.no_grad():  # now, after the iteration's updates
+            sigmas = [(position, layer.mean_abs_sigma().item()) for position, layer in module.q.noisy_layers]
+        for position, sigma in sigmas:
+            log((DEFAULT_MODULE_ID, f"sigma_mean_layer{position}"), sigma, reduce="mean", window=1)
+        log((DEFAULT_MODULE_ID, "num_updates"), done, reduce="sum")
+        log((DEFAULT_MODULE_ID, "replay_size"), len(self.replay), reduce="mean", window=1)
+        log((ALL_MODULES, NUM_ENV_STEPS_TRAINED), done * self.config.train_batch_size_per_learner, reduce="sum")
+        self._totals.zero_()
+        self._updates_since_reduce = 0
+        return self.metrics.reduce()
+
+    def _counters(self) -> dict[str, int]:
+        return {"updates": self.num_updates}
+
+    def _set_counters(self, counters: dict[str, int]) -> None:
+        self.num_updates = int(counters["updates"])

@@ -1,0 +1,150 @@
+"""RLModule of NROWAN-DQN, NoisyNet-DQN and DQN: a Q-network and its target copy.
+
+The network is an MLP over the observation whose last ``noisy_layers`` fully connected
+layers are :class:`~agents.common.noisy.NoisyLinear` (NoisyNet-DQN and NROWAN-DQN; the
+classic-control network of the paper is 128-128 with the last two layers noisy), or plain
+``nn.Linear`` with epsilon-greedy exploration (DQN).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.utils import make_target_network
+from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, TargetNetworkAPI
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from torch import nn
+
+from agents.common.networks import ACTIVATIONS
+from agents.common.noisy import NoisyLinear
+
+Q_VALUES = "q_values"
+
+DEFAULT_MODEL_CONFIG = {
+    "hidden": [128, 128],
+    "activation": "relu",
+    "noisy": True,
+    "noisy_layers": 2,
+    "bias_sigma_fan": "out",
+    "sigma_0": 0.4,
+    "epsilon_start": 1.0,
+    "epsilon_final": 0.01,
+    "epsilon_decay": 500.0,
+    "evaluation_noise": False,
+}
+"""``model_config`` keys and defaults (the paper's classic-control network)."""
+
+
+class QNetwork(nn.Module):
+    """Q(s, .) for every action: an MLP whose last ``noisy_layers`` layers may be noisy."""
+
+    def __init__(self, obs_dim: int, num_actions: int, hidden: Sequence[int] = (128, 128), activation: str = "relu",
+                 noisy_layers: int = 2, sigma_0: float = 0.4, bias_sigma_fan: str = "out"):
+        super().__init__()
+        sizes = [obs_dim, *hidden, num_actions]
+        num_layers = len(sizes) - 1
+        if not 0 <= noisy_layers <= num_layers:
+            raise ValueError(f"noisy_layers must be between 0 and the number of layers ({num_layers}), got {noisy_layers}")
+        self.layers = nn.ModuleList()
+        for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            noisy = index >= num_layers - noisy_layers
+            self.layers.append(NoisyLinear(fan_in, fan_out, sigma_0, bias_sigma_fan) if noisy else nn.Linear(fan_in, fan_out))
+        self.activation = ACTIVATIONS[activation]()
+
+    @property
+    def noisy_layers(self) -> list[tuple[int, NoisyLinear]]:
+        """``(position, layer)`` of every noisy layer, input side first."""
+        return [(index, layer) for index, layer in enumerate(self.layers) if isinstance(layer, NoisyLinear)]
+
+    @property
+    def output_layer(self) -> nn.Module:
+        return self.layers[-1]
+
+    def forward(self, obs: torch.Tensor, noisy: bool | None = None) -> torch.Tensor:
+        """Q-values ``[batch, num_actions]``; ``noisy`` overrides the noisy layers' mode."""
+        h = obs
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            h = layer(h, noisy) if isinstance(layer, NoisyLinear) else layer(h)
+            if index < last:
+                h = self.activation(h)
+        return h
+
+
+def epsilon_at(step: float, start: float, final: float, decay: float) -> float:
+    """DQN's exploration rate after ``step`` env steps: exponential decay from start to final."""
+    if decay <= 0:
+        return final
+    return final + (start - final) * math.exp(-step / decay)
+
+
+class NROWANTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
+    """Q(s, .) and its target copy for NROWAN-DQN, NoisyNet-DQN and DQN.
+
+    Acting while training: greedy on freshly noisy Q-values (noisy networks), or
+    epsilon-greedy on Q (DQN, epsilon decaying with the env steps ``t``). Evaluation:
+    greedy on the mean weights, or, with ``evaluation_noise``, as the agent acts while
+    training (fresh noise; DQN at ``epsilon_final``).
+    """
+
+    def setup(self) -> None:
+        config = {**DEFAULT_MODEL_CONFIG, **(self.model_config or {})}
+        if not isinstance(self.action_space, gym.spaces.Discrete):
+            raise ValueError(f"needs a discrete action space; got {self.action_space}")
+        if not isinstance(self.observation_space, gym.spaces.Box):
+            raise ValueError(f"needs a Box observation space; got {self.observation_space}")
+        self.obs_dim = int(np.prod(self.observation_space.shape))
+        self.num_actions = int(self.action_space.n)
+        self.noisy = bool(config["noisy"])
+        self.epsilon = (float(config["epsilon_start"]), float(config["epsilon_final"]), float(config["epsilon_decay"]))
+        self.evaluation_noise = bool(config["evaluation_noise"])
+        self.q = QNetwork(
+            self.obs_dim, self.num_actions, config["hidden"], config["activation"],
+            noisy_layers=int(config["noisy_layers"]) if self.noisy else 0, sigma_0=float(config["sigma_0"]),
+            bias_sigma_fan=config["bias_sigma_fan"],
+        )
+
+    def _observations(self, batch: dict[str, Any], key: str = Columns.OBS) -> torch.Tensor:
+        obs = batch[key]
+        return obs.reshape(obs.shape[0], -1).float()
+
+    def act(self, obs: torch.Tensor, t: float, explore: bool) -> torch.Tensor:
+        """Actions ``[batch]`` (int64) for observations ``[batch, obs_dim]`` after ``t`` env steps."""
+        with torch.no_grad():
+            if self.noisy:
+                return self.q(obs, noisy=explore or self.evaluation_noise).argmax(-1)
+            epsilon = epsilon_at(t, *self.epsilon) if explore else (self.epsilon[1] if self.evaluation_noise else 0.0)
+            actions = self.q(obs).argmax(-1)
+            if epsilon > 0:
+                explore_mask = torch.rand(actions.shape[0], device=obs.device) < epsilon
+                random_actions = torch.randint(0, self.num_actions, actions.shape, device=obs.device)
+                actions = torch.where(explore_mask, random_actions, actions)
+            return actions
+
+    def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        return {Columns.ACTIONS: self.act(self._observations(batch), 0.0, explore=False)}
+
+    def _forward_exploration(self, batch: dict[str, Any], t: int = 0, **kwargs) -> dict[str, Any]:
+        return {Columns.ACTIONS: self.act(self._observations(batch), float(t), explore=True)}
+
+    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        """Q(s, .) with fresh noise for every forward pass (noisy networks)."""
+        return {Q_VALUES: self.q(self._observations(batch), noisy=self.noisy)}
+
+    def forward_target(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Q_target(s, .) with fresh noise (noisy networks), for the TD targets."""
+        return {Q_VALUES: self.target_q(self._observations(batch), noisy=self.noisy)}
+
+    def make_target_networks(self) -> None:
+        self.target_q = make_target_network(self.q)
+
+    def get_target_network_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.q, self.target_q)]
+
+    def get_non_inference_attributes(self) -> list[str]:
+        return ["target_q"]
