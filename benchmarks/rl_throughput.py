@@ -13,7 +13,7 @@ after a warm-up that fills the replay buffer:
 
     python benchmarks/rl_throughput.py                      # HalfCheetah-v5, 5000 timed steps
     python benchmarks/rl_throughput.py --steps 2000 --only rud,sb3
-    python benchmarks/rl_throughput.py --suite dqn --steps 10000 --threads 1
+    python benchmarks/rl_throughput.py --suite dqn --threads 1 --repeats 3
 
 Needs stable-baselines3 (`pip install stable-baselines3`).
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed env steps, one update each (default 5000 / 10000)")
     parser.add_argument("--only", help="comma-separated subset of the suite's algorithms")
     parser.add_argument("--threads", type=int, help="math threads per process (default: PyTorch's)")
+    parser.add_argument("--repeats", type=int, default=1, help="measure each algorithm this often, round-robin")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     suite = SUITES[args.suite]
@@ -216,10 +218,20 @@ def main() -> None:
 
 
 def run_suite(args: argparse.Namespace, peer: str, ceiling: float | None, extra: dict | None = None) -> None:
+    """Each algorithm ``--repeats`` times, round-robin, so that a slow spell on a shared
+    machine hits all of them alike; rates are the medians."""
+    names = args.only.split(",")
+    rates: dict[str, list[float]] = {name: [] for name in names}
     results = {}
-    for name in args.only.split(","):
-        results[name] = run_worker(name, args)
-        print(f"  {LABELS[name]:40s} {results[name]['steps_per_s']:7.1f} env steps/s", flush=True)
+    for _ in range(args.repeats):
+        for name in names:
+            results[name] = run_worker(name, args)
+            rates[name].append(results[name]["steps_per_s"])
+    for name in names:
+        results[name]["steps_per_s"] = statistics.median(rates[name])
+        results[name]["runs"] = rates[name]
+        spread = f"  (runs: {', '.join(f'{rate:.0f}' for rate in rates[name])})" if args.repeats > 1 else ""
+        print(f"  {LABELS[name]:40s} {results[name]['steps_per_s']:7.1f} env steps/s{spread}", flush=True)
     if peer in results:
         base = results[peer]["steps_per_s"]
         bound = f" (ceiling {ceiling / base:.2f}x)" if ceiling else ""

@@ -35,6 +35,12 @@ def test_noisy_linear_resamples_factorised_noise_and_is_deterministic_in_eval():
     # factorised: eps_w = f(eps_out) f(eps_in)^T is rank one, and its column-wise ratio is eps_b
     assert torch.linalg.matrix_rank(eps_w) == 1
     torch.testing.assert_close(eps_w[:, 0] / eps_w[0, 0], eps_b / eps_b[0])
+    # one forward pass is the layer with w = mu + sigma * eps_w for one fresh draw
+    layer.generator = torch.Generator().manual_seed(3)
+    eps_w, eps_b = layer.sample_noise()
+    layer.generator.manual_seed(3)
+    expected = nn.functional.linear(x, layer.weight_mu + layer.weight_sigma * eps_w, layer.bias_mu + layer.bias_sigma * eps_b)
+    torch.testing.assert_close(layer(x), expected)
     layer.eval()
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight_mu, layer.bias_mu))
     assert torch.equal(layer(x), layer(x))

@@ -75,6 +75,8 @@ class NoisyLinear(nn.Module):
     def forward(self, x: torch.Tensor, noisy: bool | None = None) -> torch.Tensor:
         if not (self.training if noisy is None else noisy):
             return nn.functional.linear(x, self.weight_mu, self.bias_mu)
+        # building w costs a few elementwise ops on [out, in]; for minibatches of 32 that is
+        # cheaper than the factorised form's second matmul (measured on 2 CPU cores)
         eps_w, eps_b = self.sample_noise()
         return nn.functional.linear(x, self.weight_mu + self.weight_sigma * eps_w, self.bias_mu + self.bias_sigma * eps_b)
 
