@@ -169,6 +169,13 @@ def test_transitions_carry_the_return_so_far_reset_at_episode_ends():
         np.testing.assert_array_equal(batch["next_obs"][inside], batch["obs"][inside + 1])
         metrics = runner.get_metrics()
         assert metrics["num_episodes"] == ends.sum()
+        # without evaluation EnvRunners, RLlib evaluates on this runner: both share the envs
+        [episode] = runner.sample(num_episodes=1, explore=False)
+        assert episode.is_done and len(episode) >= 1
+        after = runner.collect(300, lifetime=400)
+        inside = np.flatnonzero(after["terminateds"][:-1] == 0)
+        np.testing.assert_array_equal(after["next_obs"][inside], after["obs"][inside + 1])
+        assert after[RETURN_SO_FAR][0] == 1.0  # a fresh episode, not the one sample() ended
     finally:
         algo.stop()
 

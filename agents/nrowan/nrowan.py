@@ -181,10 +181,20 @@ class TransitionEnvRunner(SingleAgentEnvRunner):
     :meth:`collect` steps the (synchronous) sub-environments itself and returns
     (s, a, r, s', terminated, R+) arrays, with no episode objects or connectors per step, and
     logs RLlib's usual episode and step metrics. ``sample()`` is RLlib's own, used for
-    evaluation. Observations reach the module as flat float32 vectors.
+    evaluation; RLlib evaluates on the training EnvRunner when no evaluation EnvRunners
+    exist, so both paths share the environments: a ``sample()`` call after ``collect()``
+    starts its episodes from a reset, and the next ``collect()`` starts afresh too.
+    Observations reach the module as flat float32 vectors.
     """
 
     _collect_state: dict[str, Any] | None = None
+    _seeded: bool = False
+
+    def sample(self, **kwargs):
+        if self._collect_state is not None:
+            kwargs["force_reset"] = True  # collect() moved the envs on without RLlib's episodes
+            self._collect_state = None  # and RLlib's episodes will move them on without ours
+        return super().sample(**kwargs)
 
     def _sub_envs(self) -> list[gym.Env]:
         envs = getattr(self.env.unwrapped, "envs", None)
@@ -196,9 +206,11 @@ class TransitionEnvRunner(SingleAgentEnvRunner):
     def _start(self, envs: list[gym.Env]) -> dict[str, Any]:
         observations = []
         for index, env in enumerate(envs):
-            seed = None if self._seed is None else int(self._seed) + index
+            # seed once; later restarts continue each env's random stream
+            seed = None if self._seed is None or self._seeded else int(self._seed) + index
             observation, _ = env.reset(seed=seed)
             observations.append(np.asarray(observation, dtype=np.float32).reshape(-1))
+        self._seeded = True
         count = len(envs)
         return {"obs": np.stack(observations), "return": np.zeros(count), "length": np.zeros(count, dtype=np.int64),
                 "started": [time.perf_counter()] * count}
