@@ -60,46 +60,23 @@ def sgemm_gflops(size: int = HIDDEN, seconds: float = 2.0) -> float:
 
 
 def measure_raysmith(algorithm: str, env: str, warmup: int, steps: int) -> dict:
-    import ray
-
-    from agents.rud import RUDConfig, TD3Config
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
-    config_class = {"rud": RUDConfig, "td3": TD3Config}[algorithm]
-    config = (
-        config_class()
-        .environment(env)
-        .training(learning_starts=warmup, train_batch_size_per_learner=BATCH)
-        .rl_module(model_config={"actor_hidden": [HIDDEN, HIDDEN], "critic_hidden": [HIDDEN, HIDDEN]})
-        .debugging(seed=0)
-    )
-    algo = config.build_algo()
-
-    def lifetime(result):
-        return int(result["env_runners"]["num_env_steps_sampled_lifetime"])
-
-    done = 0
-    while done < warmup + 1000:  # fill the buffer, then one learning block untimed
-        done = lifetime(algo.train())
-    start_steps, start = done, time.perf_counter()
-    while done < start_steps + steps:
-        done = lifetime(algo.train())
-    elapsed = time.perf_counter() - start
-    updates = algo.learner_group.foreach_learner(lambda learner: learner.critic_updates)
-    algo.stop()
-    ray.shutdown()
-    return {"steps_per_s": (done - start_steps) / elapsed, "env_steps": done - start_steps,
-            "updates": [r.get() for r in updates][0]}
-
-
-def measure_raysmith_dqn(algorithm: str, env: str, warmup: int, steps: int) -> dict:
+    """Env steps per second of one raysmith algorithm, after ``warmup`` untimed steps."""
     import ray
 
     from agents.nrowan import DQNConfig, NROWANConfig
+    from agents.rud import RUDConfig, TD3Config
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
-    config_class = {"nrowan": NROWANConfig, "dqn": DQNConfig}[algorithm]
-    algo = config_class().environment(env).debugging(seed=0).build_algo()  # the paper preset
+    if algorithm in ("rud", "td3"):
+        config = (
+            {"rud": RUDConfig, "td3": TD3Config}[algorithm]()
+            .training(learning_starts=warmup, train_batch_size_per_learner=BATCH)
+            .rl_module(model_config={"actor_hidden": [HIDDEN, HIDDEN], "critic_hidden": [HIDDEN, HIDDEN]})
+        )
+        warmup += 1000  # fill the buffer with random actions, then one learning block untimed
+    else:
+        config = {"nrowan": NROWANConfig, "dqn": DQNConfig}[algorithm]()  # the paper preset
+    algo = config.environment(env).debugging(seed=0).build_algo()
 
     def lifetime(result):
         return int(result["env_runners"]["num_env_steps_sampled_lifetime"])
@@ -111,10 +88,9 @@ def measure_raysmith_dqn(algorithm: str, env: str, warmup: int, steps: int) -> d
     while done < start_steps + steps:
         done = lifetime(algo.train())
     elapsed = time.perf_counter() - start
-    updates = algo.learner_group._learner.num_updates
     algo.stop()
     ray.shutdown()
-    return {"steps_per_s": (done - start_steps) / elapsed, "env_steps": done - start_steps, "updates": updates}
+    return {"steps_per_s": (done - start_steps) / elapsed, "env_steps": done - start_steps}
 
 
 def measure_sb3_dqn(env: str, warmup: int, steps: int) -> dict:
@@ -194,8 +170,6 @@ def main() -> None:
         measure = {"sb3": measure_sb3, "sb3dqn": measure_sb3_dqn}.get(args.worker)
         if measure is not None:
             result = measure(args.env, args.warmup, args.steps)
-        elif args.worker in ("nrowan", "dqn"):
-            result = measure_raysmith_dqn(args.worker, args.env, args.warmup, args.steps)
         else:
             result = measure_raysmith(args.worker, args.env, args.warmup, args.steps)
         print(json.dumps(result), flush=True)

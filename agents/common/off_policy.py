@@ -30,6 +30,30 @@ def replay_config_errors(config: Any, name: str) -> list[str]:
     return errors
 
 
+def share_with_local_env_runner(algo: Any, attributes: tuple[str, ...]) -> tuple[Any, Any] | None:
+    """Make the driver's EnvRunner act with the driver-side Learner's own networks.
+
+    When sampling and learning both run in the driver on the same device, the EnvRunner's
+    module ``attributes`` (e.g. the actor) become the Learner's, so no weights are copied
+    after updates (with one-step blocks, RLlib's weight sync would cost as much as the
+    update itself). Returns ``(runner, learner)``, or None when anything runs elsewhere:
+    remote EnvRunners and the evaluation EnvRunners then receive weights through RLlib's sync.
+    """
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    group = algo.env_runner_group
+    if group.num_remote_env_runners() > 0 or not algo.learner_group.is_local or group.local_env_runner is None:
+        return None
+    learner, runner = algo.learner_group._learner, group.local_env_runner
+    learner_module = learner.module[DEFAULT_MODULE_ID]
+    first = getattr(learner_module, attributes[0])
+    if next(first.parameters()).device != next(getattr(runner.module, attributes[0]).parameters()).device:
+        return None  # e.g. a driver-side Learner on a GPU
+    for name in attributes:
+        setattr(runner.module, name, getattr(learner_module, name))
+    return runner, learner
+
+
 class UpdateCreditMixin:
     """An Algorithm that carries fractional updates between blocks, through checkpoints too."""
 

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.metrics import (
@@ -42,7 +41,7 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from agents.common.off_policy import UpdateCreditMixin, replay_config_errors
+from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, share_with_local_env_runner
 from agents.nrowan.nrowan_learner import RETURN_SO_FAR
 
 RETURN_BOUNDS: dict[str, tuple[float, float]] = {
@@ -286,21 +285,8 @@ class NROWAN(UpdateCreditMixin, Algorithm):
     def setup(self, config: NROWANConfig) -> None:
         super().setup(config)
         self._update_credit = 0.0
-        self._local = self._local_runner_and_learner()
-
-    def _local_runner_and_learner(self):
-        """(runner, learner) when both live in the driver; the runner then acts with the
-        Learner's Q-network itself, so no weights are copied after updates."""
-        group = self.env_runner_group
-        if group.num_remote_env_runners() > 0 or not self.learner_group.is_local or group.local_env_runner is None:
-            return None
-        learner = self.learner_group._learner
-        runner = group.local_env_runner
-        learner_module = learner.module[DEFAULT_MODULE_ID]
-        if next(learner_module.q.parameters()).device != next(runner.module.q.parameters()).device:
-            return None
-        runner.module.q = learner_module.q
-        return runner, learner
+        # acting and learning share the Q-network when both run in the driver
+        self._local = share_with_local_env_runner(self, ("q",))
 
     def training_step(self) -> None:
         config: NROWANConfig = self.config

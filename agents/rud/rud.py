@@ -22,7 +22,6 @@ import numpy as np
 
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
@@ -34,7 +33,7 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from agents.common.off_policy import UpdateCreditMixin, replay_config_errors
+from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, share_with_local_env_runner
 from agents.common.replay import episodes_to_transitions
 from agents.rud.rud_rl_module import DEFAULT_MODEL_CONFIG
 
@@ -170,28 +169,8 @@ class RUD(UpdateCreditMixin, Algorithm):
     def setup(self, config: RUDConfig) -> None:
         super().setup(config)
         self._update_credit = 0.0
-        self._shares_actor = self._share_actor_with_local_env_runner()
-
-    def _share_actor_with_local_env_runner(self) -> bool:
-        """Sampling in the driver with a driver-side Learner: act with the Learner's actor.
-
-        The local EnvRunner's actor and observation normaliser become the Learner's own
-        modules, so no weights are copied after updates (with one-step TD3 blocks, RLlib's
-        weight sync would cost as much as the update itself). Remote EnvRunners, and the
-        evaluation EnvRunners, still receive weights through RLlib's sync.
-        """
-        group = self.env_runner_group
-        if group.num_remote_env_runners() > 0 or not self.learner_group.is_local or group.local_env_runner is None:
-            return False
-        [learner_module] = [r.get() for r in self.learner_group.foreach_learner(lambda learner: learner.module[DEFAULT_MODULE_ID])]
-        runner_module = group.local_env_runner.module
-        learner_device = next(learner_module.actor.parameters()).device
-        runner_device = next(runner_module.actor.parameters()).device
-        if learner_device != runner_device:  # e.g. a driver-side Learner on a GPU
-            return False
-        runner_module.actor = learner_module.actor
-        runner_module.obs_norm = learner_module.obs_norm
-        return True
+        # the driver's EnvRunner acts with the Learner's actor and observation statistics
+        self._shares_actor = share_with_local_env_runner(self, ("actor", "obs_norm")) is not None
 
     def training_step(self) -> None:
         """Blocks of ``update_interval`` env steps, each followed by its updates, until the
