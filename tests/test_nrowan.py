@@ -10,11 +10,15 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from torch import nn
 
-from agents.common.noisy import NoisyLinear
+import copy
+
+from agents.common.flat_parameters import FlatAdam, flatten_parameters
+from agents.common.noisy import NoiseStream, NoisyLinear
 from agents.common.replay import TransitionBuffer
 from agents.nrowan import DQNConfig, NoisyNetDQNConfig, NROWAN, NROWANConfig
 from agents.nrowan.nrowan_learner import RETURN_SO_FAR, noise_level, noise_weight
 from agents.nrowan.nrowan_rl_module import QNetwork, epsilon_at
+from agents.nrowan.td_gradients import TDGradients
 
 
 # ---------------------------------------------------------------- parts, without Ray
@@ -68,6 +72,73 @@ def test_noise_level_d_of_a_known_layer():
     assert layer.mean_abs_sigma().item() == pytest.approx(3.6 / 8)
     noise_level(layer).backward()
     torch.testing.assert_close(layer.weight_sigma.grad, torch.sign(layer.weight_sigma.detach()) / 8)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "elu"])
+@pytest.mark.parametrize("noisy_layers", [0, 1, 2])
+def test_hand_written_gradients_equal_autograds(activation, noisy_layers):
+    torch.manual_seed(noisy_layers)
+    network = QNetwork(4, 3, hidden=(16, 8), activation=activation, noisy_layers=noisy_layers)
+    flat = flatten_parameters(network.parameters())
+    obs, actions, targets = torch.randn(32, 4), torch.randint(0, 3, (32,)), torch.randn(32)
+    k = torch.tensor(1.7)
+    noise = network.sample_noise() if noisy_layers else None
+    flat.grad.fill_(123.0)  # overwritten, not accumulated
+    td_loss, q_taken, level = TDGradients(network)(obs, actions, targets, noise, k)
+    by_hand = flat.grad.clone()
+    flat.grad.zero_()
+    q = network(obs, noisy=bool(noisy_layers), noise=noise).gather(1, actions[:, None]).squeeze(1)
+    loss = (q - targets).pow(2).mean()
+    if noisy_layers:
+        loss = loss + k * noise_level(network.output_layer)
+    loss.backward()
+    torch.testing.assert_close(by_hand, flat.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(td_loss, (q - targets).pow(2).mean().detach())
+    torch.testing.assert_close(q_taken, q.detach())
+    assert (level is None) == (noisy_layers == 0)
+    if noisy_layers:  # the mean weights (noise off): sigma gets only the D term's gradient
+        TDGradients(network)(obs, actions, targets, None, 0.0)
+        assert network.output_layer.weight_sigma.grad.abs().sum() == 0
+        assert network.output_layer.weight_mu.grad.abs().sum() > 0
+
+
+def test_flat_parameters_train_like_separate_ones():
+    torch.manual_seed(0)
+    flat_net = QNetwork(4, 2, hidden=(8, 8), noisy_layers=2)
+    plain_net = copy.deepcopy(flat_net)
+    keys = list(flat_net.state_dict())
+    flat = flatten_parameters(flat_net.parameters())
+    assert list(flat_net.state_dict()) == keys and flat.numel() == sum(p.numel() for p in plain_net.parameters())
+    flat_adam = FlatAdam(flat, lr=0.01)
+    adam = torch.optim.Adam(plain_net.parameters(), lr=0.01)
+    obs = torch.randn(16, 4)
+    for _ in range(3):
+        for network in (flat_net, plain_net):
+            network(obs, noisy=False).pow(2).mean().backward()
+        flat_adam.step_flat()
+        adam.step()
+        flat.grad.zero_()
+        adam.zero_grad()
+    for mine, reference in zip(flat_net.parameters(), plain_net.parameters()):
+        torch.testing.assert_close(mine, reference)
+    # a restored state is copied into the flat buffer, which the optimizer keeps training
+    flat_net.load_state_dict(plain_net.state_dict())
+    before = flat_net.output_layer.weight_mu.detach().clone()
+    flat_net(obs, noisy=False).pow(2).mean().backward()
+    flat_adam.step_flat()
+    assert not torch.equal(flat_net.output_layer.weight_mu, before)
+    assert flat_adam.state[flat]["step"].item() == 4
+
+
+def test_noise_stream_draws_are_fresh_and_copies_draw_their_own():
+    torch.manual_seed(0)
+    stream = NoiseStream([(5, 3), (3, 2)], draws=4)
+    draws = [stream() for _ in range(6)]  # past the first chunk
+    assert [tuple(part.shape) for pair in draws[0] for part in pair] == [(5,), (3,), (3,), (2,)]
+    rows = torch.stack([torch.cat([part for pair in draw for part in pair]) for draw in draws])
+    assert len({tuple(row.tolist()) for row in rows}) == 6
+    twin = copy.deepcopy(stream)
+    assert not torch.equal(torch.cat([p for pair in twin() for p in pair]), torch.cat([p for pair in stream() for p in pair]))
 
 
 def test_noise_weight_follows_the_reward_collected_so_far():
@@ -242,11 +313,13 @@ def test_checkpoint_restores_q_values_counters_and_training(tmp_path):
         module.q.eval()
         torch.testing.assert_close(module.q(obs).detach(), before)
         assert (learner.num_updates, len(learner.replay)) == counters
+        assert learner.get_optimizer(DEFAULT_MODULE_ID, "q").state[learner.flat_parameters]["step"].item() == counters[0]
         # the EnvRunner acts with the restored network
         assert restored.env_runner_group.local_env_runner.module.q is module.q
         result = restored.train()
         assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 2000
         assert learner.num_updates == counters[0] + 1000
+        assert not torch.allclose(module.q(obs).detach(), before)  # the restored weights train on
     finally:
         restored.stop()
 

@@ -14,10 +14,54 @@ import torch
 from torch import nn
 
 
-def _scaled_noise(size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """f(x) = sign(x) sqrt(|x|) of ``size`` standard normal draws."""
-    noise = torch.randn(size, generator=generator, device=device)
-    return noise.abs().sqrt_().copysign_(noise)
+def factorised_noise(shapes: list[tuple[int, int]], generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fresh ``(f(eps_in), f(eps_out))`` for layers of ``(in_features, out_features)`` each.
+
+    ``f(x) = sign(x) sqrt(|x|)`` of standard normal draws; all layers' noise comes from one
+    draw (a network's noisy layers cost four small tensor ops per forward pass, not four each).
+    """
+    noise = torch.randn(sum(fan_in + fan_out for fan_in, fan_out in shapes), generator=generator, device=device)
+    noise = noise.abs().sqrt_().copysign_(noise)
+    pairs, offset = [], 0
+    for fan_in, fan_out in shapes:
+        pairs.append((noise[offset : offset + fan_in], noise[offset + fan_in : offset + fan_in + fan_out]))
+        offset += fan_in + fan_out
+    return pairs
+
+
+class NoiseStream:
+    """Fresh factorised noise for a fixed set of noisy layers, drawn ``draws`` forward passes at a time.
+
+    Every call returns a new, independent ``[(f(eps_in), f(eps_out)), ...]`` (one pair per
+    layer): rows of a chunk of normal draws, so a noisy forward pass costs a few tensor
+    views instead of a random draw and its transform. A copy (``copy.deepcopy``, e.g. the
+    target network) gets a stream of its own and shares no draws with the original.
+    """
+
+    def __init__(self, shapes: list[tuple[int, int]], draws: int = 256):
+        self.shapes = list(shapes)
+        self.draws = draws
+        self._slices = []
+        offset = 0
+        for fan_in, fan_out in self.shapes:
+            self._slices.append((offset, offset + fan_in, offset + fan_in + fan_out))
+            offset += fan_in + fan_out
+        self.width = offset
+        self._chunk: torch.Tensor | None = None
+        self._next = draws
+
+    def __call__(self, device: torch.device | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._next == self.draws or self._chunk.device != device:
+            chunk = torch.randn(self.draws, self.width, device=device)
+            self._chunk = chunk.abs().sqrt_().copysign_(chunk)
+            self._next = 0
+        row = self._chunk[self._next]
+        self._next += 1
+        return [(row[start:middle], row[middle:end]) for start, middle, end in self._slices]
+
+    def __deepcopy__(self, memo: dict) -> "NoiseStream":
+        return NoiseStream(self.shapes, self.draws)
 
 
 class NoisyLinear(nn.Module):
@@ -66,19 +110,29 @@ class NoisyLinear(nn.Module):
         bias_fan = self.in_features if self.bias_sigma_fan == "in" else self.out_features
         self.bias_sigma.fill_(self.sigma_0 / math.sqrt(bias_fan))
 
+    def sample_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh factors ``(f(eps_in), f(eps_out))`` from the layer's generator."""
+        return factorised_noise([(self.in_features, self.out_features)], self.generator, self.weight_mu.device)[0]
+
     def sample_noise(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A fresh ``(eps_w, eps_b)`` pair: ``eps_w`` is the ``[out, in]`` outer product."""
-        noise = _scaled_noise(self.in_features + self.out_features, self.generator, self.weight_mu.device)
-        eps_in, eps_out = noise[: self.in_features], noise[self.in_features :]
+        eps_in, eps_out = self.sample_factors()
         return torch.outer(eps_out, eps_in), eps_out
 
-    def forward(self, x: torch.Tensor, noisy: bool | None = None) -> torch.Tensor:
+    def noisy_parameters(self, eps_in: torch.Tensor, eps_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu_w + sigma_w * f(eps_out) f(eps_in)^T, mu_b + sigma_b * f(eps_out))``."""
+        weight = torch.addcmul(self.weight_mu, self.weight_sigma, torch.outer(eps_out, eps_in))
+        return weight, torch.addcmul(self.bias_mu, self.bias_sigma, eps_out)
+
+    def forward(self, x: torch.Tensor, noisy: bool | None = None,
+                noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``noise``: the factors to use (e.g. from one draw for a whole network); default fresh ones."""
         if not (self.training if noisy is None else noisy):
             return nn.functional.linear(x, self.weight_mu, self.bias_mu)
         # building w costs a few elementwise ops on [out, in]; for minibatches of 32 that is
         # cheaper than the factorised form's second matmul (measured on 2 CPU cores)
-        eps_w, eps_b = self.sample_noise()
-        return nn.functional.linear(x, self.weight_mu + self.weight_sigma * eps_w, self.bias_mu + self.bias_sigma * eps_b)
+        weight, bias = self.noisy_parameters(*(noise if noise is not None else self.sample_factors()))
+        return nn.functional.linear(x, weight, bias)
 
     def mean_abs_sigma(self) -> torch.Tensor:
         """Mean |sigma| over the layer's weights and biases: how much noise it still injects."""

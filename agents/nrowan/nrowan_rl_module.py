@@ -21,9 +21,12 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 
 from agents.common.networks import ACTIVATIONS
-from agents.common.noisy import NoisyLinear
+from agents.common.noisy import NoiseStream, NoisyLinear, factorised_noise
 
 Q_VALUES = "q_values"
+
+ACTIVATION_FUNCTIONS = {"relu": torch.relu, "tanh": torch.tanh, "elu": nn.functional.elu}
+"""The functional form of each of :data:`~agents.common.networks.ACTIVATIONS`."""
 
 DEFAULT_MODEL_CONFIG = {
     "hidden": [128, 128],
@@ -54,7 +57,12 @@ class QNetwork(nn.Module):
         for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             noisy = index >= num_layers - noisy_layers
             self.layers.append(NoisyLinear(fan_in, fan_out, sigma_0, bias_sigma_fan) if noisy else nn.Linear(fan_in, fan_out))
+        self.activation_name = activation
         self.activation = ACTIVATIONS[activation]()
+        self._activate = ACTIVATION_FUNCTIONS[activation]
+        self.noise_shapes = [(layer.in_features, layer.out_features) for _, layer in self.noisy_layers]
+        """``(in, out)`` of each noisy layer, input side first: the shapes :meth:`sample_noise` draws."""
+        self._noise = NoiseStream(self.noise_shapes)
 
     @property
     def noisy_layers(self) -> list[tuple[int, NoisyLinear]]:
@@ -65,14 +73,34 @@ class QNetwork(nn.Module):
     def output_layer(self) -> nn.Module:
         return self.layers[-1]
 
-    def forward(self, obs: torch.Tensor, noisy: bool | None = None) -> torch.Tensor:
-        """Q-values ``[batch, num_actions]``; ``noisy`` overrides the noisy layers' mode."""
-        h = obs
+    def sample_noise(self, generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fresh factorised noise ``(f(eps_in), f(eps_out))`` for every noisy layer: from
+        ``generator`` if given, else the network's own :class:`NoiseStream` (torch's global
+        generator, drawn for many forward passes at a time)."""
+        first = self.layers[0]
+        device = (first.weight_mu if isinstance(first, NoisyLinear) else first.weight).device
+        if generator is not None:
+            return factorised_noise(self.noise_shapes, generator, device)
+        return self._noise(device)
+
+    def forward(self, obs: torch.Tensor, noisy: bool | None = None,
+                noise: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Q-values ``[batch, num_actions]``; ``noisy`` overrides the noisy layers' mode;
+        ``noise`` (from :meth:`sample_noise`) replaces a fresh draw. Layers are called
+        directly, without module hooks: this runs once per env step and twice per update."""
+        noisy = self.training if noisy is None else noisy
+        if noisy and noise is None and self.noise_shapes:
+            noise = self.sample_noise()
+        h, drawn = obs, 0
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
-            h = layer(h, noisy) if isinstance(layer, NoisyLinear) else layer(h)
+            if isinstance(layer, NoisyLinear):
+                h = layer.forward(h, noisy, noise[drawn] if noisy else None)
+                drawn += 1
+            else:
+                h = layer.forward(h)
             if index < last:
-                h = self.activation(h)
+                h = self._activate(h)
         return h
 
 
