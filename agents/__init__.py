@@ -15,3 +15,7 @@ ALGORITHMS: dict[str, str] = {
     "NoisyNetDQN": "agents.nrowan:NoisyNetDQN",
     "EpsilonGreedyDQN": "agents.nrowan:EpsilonGreedyDQN",
 }
+
+from agents.envs import register_environments  # noqa: E402  (raysmith/Pong-v5 and friends)
+
+register_environments()

@@ -134,6 +134,8 @@ def resolve_algorithm(name: str) -> type:
 def env_ids() -> list[str]:
     import gymnasium as gym
 
+    import agents  # noqa: F401  (registers raysmith's environments)
+
     return sorted(gym.envs.registry)
 
 

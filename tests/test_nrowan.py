@@ -17,7 +17,7 @@ from agents.common.noisy import NoiseStream, NoisyLinear
 from agents.common.replay import TransitionBuffer
 from agents.nrowan import DQNConfig, NoisyNetDQNConfig, NROWAN, NROWANConfig
 from agents.nrowan.nrowan_learner import RETURN_SO_FAR, noise_level, noise_weight
-from agents.nrowan.nrowan_rl_module import QNetwork, epsilon_at
+from agents.nrowan.nrowan_rl_module import ConvQNetwork, QNetwork, epsilon_at
 from agents.nrowan.td_gradients import TDGradients
 
 
@@ -171,6 +171,56 @@ def test_one_step_adds_wrap_around_like_block_adds():
     for name in rows:
         torch.testing.assert_close(one_by_one.storage[name], as_block.storage[name])
     assert one_by_one.storage[RETURN_SO_FAR].tolist() == [5, 6, 2, 3, 4]
+
+
+def test_pong_comes_with_dqns_atari_preprocessing():
+    import gymnasium as gym
+
+    env = gym.make("raysmith/Pong-v5")
+    try:
+        assert env.observation_space.shape == (4, 84, 84) and env.observation_space.dtype == np.uint8
+        obs, _ = env.reset(seed=0)
+        ale = env.unwrapped.ale
+        assert 1 <= ale.getEpisodeFrameNumber() <= 30  # the no-op start
+        again, _ = env.reset(seed=0)
+        assert np.array_equal(obs, again)  # seeded, no sticky actions
+        frames, rewards = ale.getEpisodeFrameNumber(), set()
+        for _ in range(300):
+            previous = obs
+            obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            rewards.add(reward)
+            assert np.array_equal(obs[:3], previous[1:])  # a stack of the last 4 frames, newest last
+        assert ale.getEpisodeFrameNumber() - frames == 300 * 4  # each action repeated for 4 frames
+        assert rewards <= {-1.0, 0.0, 1.0} and -1.0 in rewards  # the game's score: points lost at random play
+        assert obs.dtype == np.uint8 and obs.min() < obs.max()
+    finally:
+        env.close()
+
+
+def test_conv_q_network_reads_frames_with_a_noisy_head():
+    torch.manual_seed(0)
+    network = ConvQNetwork((4, 84, 84), 6, hidden=(512,), noisy_layers=2)
+    assert network.noise_shapes == [(3136, 512), (512, 6)]  # DQN's torso leaves 64 x 7 x 7 features
+    frames = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    network.eval()
+    q = network(frames)
+    assert q.shape == (2, 6)
+    torch.testing.assert_close(q, network(frames.float() / 255.0))  # pixels are scaled to [0, 1]
+    assert not torch.equal(network(frames, noisy=True), network(frames, noisy=True))
+    assert NROWAN.check_spaces(gym_box((210, 160, 3)), gym_discrete(6)) is not None  # raw ALE frames: channels last
+    assert NROWAN.check_spaces(gym_box((4, 84, 84)), gym_discrete(6)) is None
+
+
+def gym_box(shape):
+    import gymnasium as gym
+
+    return gym.spaces.Box(0, 255, shape, np.uint8)
+
+
+def gym_discrete(n):
+    import gymnasium as gym
+
+    return gym.spaces.Discrete(n)
 
 
 def test_config_refuses_bad_settings_with_reasons():
@@ -356,5 +406,35 @@ def test_learns_cartpole(config_class):
                 if best >= 150:
                     break
         assert best >= 150, best
+    finally:
+        algo.stop()
+
+
+@pytest.mark.usefixtures("ray_for_agents")
+def test_trains_on_pong_frames_with_a_uint8_replay_buffer():
+    """The Atari path end to end, briefly: frames stay uint8 in the replay buffer, the conv
+    Q-network trains through autograd, the noise term shrinks the output layer's sigma, and
+    RLlib's own sampling path (evaluation) runs on the same module."""
+    config = (
+        NROWANConfig().environment("raysmith/Pong-v5")
+        .training(replay_capacity=1000, learning_starts=64)
+        .rl_module(model_config={"hidden": [512]})
+        .reporting(min_sample_timesteps_per_iteration=150)
+        .debugging(seed=0)
+    )
+    algo = config.build_algo()
+    try:
+        first = algo.train()["learners"][DEFAULT_MODULE_ID]
+        second = algo.train()["learners"][DEFAULT_MODULE_ID]
+        learner = learner_of(algo)
+        replay = learner.replay.storage["obs"]
+        assert replay.dtype == torch.uint8 and replay.shape == (1000, 4, 84, 84) and len(learner.replay) == 300
+        assert learner.replay.storage["obs"][:300].float().std() > 0
+        assert learner.td_gradients is None and learner.num_updates == 300 - 63
+        assert np.isfinite(second["td_loss"]) and 0 < second["noise_k"] <= 4.0
+        start = 0.4 / math.sqrt(512)  # the output layer's weight sigma at initialisation
+        assert second["sigma_mean_layer1"] < first["sigma_mean_layer1"] < start
+        episodes = algo.env_runner_group.local_env_runner.sample(num_timesteps=40, explore=False)
+        assert sum(len(episode) for episode in episodes) >= 40
     finally:
         algo.stop()

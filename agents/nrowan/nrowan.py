@@ -43,12 +43,14 @@ from ray.rllib.utils.metrics import (
 
 from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, share_with_local_env_runner
 from agents.nrowan.nrowan_learner import RETURN_SO_FAR
+from agents.nrowan.nrowan_rl_module import is_image_space
 
 RETURN_BOUNDS: dict[str, tuple[float, float]] = {
     "CartPole-v0": (0.0, 200.0),
     "CartPole-v1": (0.0, 500.0),
     "Acrobot-v1": (-500.0, 0.0),
     "MountainCar-v0": (-200.0, 0.0),
+    "raysmith/Pong-v5": (-21.0, 21.0),
 }
 """(R_min, R_max): the lowest and highest episode return of each task with its time limit."""
 
@@ -183,11 +185,13 @@ class TransitionEnvRunner(SingleAgentEnvRunner):
     evaluation; RLlib evaluates on the training EnvRunner when no evaluation EnvRunners
     exist, so both paths share the environments: a ``sample()`` call after ``collect()``
     starts its episodes from a reset, and the next ``collect()`` starts afresh too.
-    Observations reach the module as flat float32 vectors.
+    Observations reach the module as flat float32 vectors, or whole and in their own dtype
+    for image observations (``uint8[4, 84, 84]`` frame stacks stay uint8 into the replay buffer).
     """
 
     _collect_state: dict[str, Any] | None = None
     _seeded: bool = False
+    _image_dtype: Any = None
     _unlogged: tuple[int, int] = (0, 0)
     """(env steps, episodes) collected since the last ``get_metrics()``: logged there, once,
     instead of eight metric calls per one-step ``collect()``."""
@@ -212,13 +216,20 @@ class TransitionEnvRunner(SingleAgentEnvRunner):
                              "gym_env_vectorize_mode='SYNC' (the default)")
         return list(envs)
 
+    def _observation(self, observation: Any) -> np.ndarray:
+        if self._image_dtype is not None:
+            return np.asarray(observation, dtype=self._image_dtype)
+        return np.asarray(observation, dtype=np.float32).reshape(-1)
+
     def _start(self, envs: list[gym.Env]) -> dict[str, Any]:
+        space = envs[0].observation_space
+        self._image_dtype = (np.uint8 if space.dtype == np.uint8 else np.float32) if is_image_space(space) else None
         observations = []
         for index, env in enumerate(envs):
             # seed once; later restarts continue each env's random stream
             seed = None if self._seed is None or self._seeded else int(self._seed) + index
             observation, _ = env.reset(seed=seed)
-            observations.append(np.asarray(observation, dtype=np.float32).reshape(-1))
+            observations.append(self._observation(observation))
         self._seeded = True
         count = len(envs)
         return {"obs": np.stack(observations), "return": np.zeros(count), "length": np.zeros(count, dtype=np.int64),
@@ -234,9 +245,9 @@ class TransitionEnvRunner(SingleAgentEnvRunner):
         count = len(envs)
         rounds = max(1, math.ceil(num_steps / count))
         size = rounds * count
-        obs_dim = state["obs"].shape[1]
+        obs_shape, obs_dtype = state["obs"].shape[1:], state["obs"].dtype
         out = {
-            "obs": np.empty((size, obs_dim), np.float32), "next_obs": np.empty((size, obs_dim), np.float32),
+            "obs": np.empty((size, *obs_shape), obs_dtype), "next_obs": np.empty((size, *obs_shape), obs_dtype),
             "actions": np.empty(size, np.float32), "rewards": np.empty(size, np.float32),
             "terminateds": np.zeros(size, np.float32), RETURN_SO_FAR: np.empty(size, np.float32),
         }
@@ -248,7 +259,7 @@ class TransitionEnvRunner(SingleAgentEnvRunner):
             for index, env in enumerate(envs):
                 action = int(actions[index])
                 next_obs, reward, terminated, truncated, _ = env.step(action)
-                next_obs = np.asarray(next_obs, dtype=np.float32).reshape(-1)
+                next_obs = self._observation(next_obs)
                 state["return"][index] += reward
                 state["length"][index] += 1
                 out["obs"][row] = state["obs"][index]
@@ -263,7 +274,7 @@ class TransitionEnvRunner(SingleAgentEnvRunner):
                     self._log_episode_metrics(int(state["length"][index]), float(state["return"][index]),
                                               time.perf_counter() - state["started"][index])
                     next_obs, _ = env.reset()
-                    next_obs = np.asarray(next_obs, dtype=np.float32).reshape(-1)
+                    next_obs = self._observation(next_obs)
                     state["return"][index] = 0.0
                     state["length"][index] = 0
                     state["started"][index] = time.perf_counter()
@@ -275,7 +286,7 @@ class TransitionEnvRunner(SingleAgentEnvRunner):
 class NROWAN(UpdateCreditMixin, Algorithm):
     """Steps, transitions, updates. One ``train()`` call covers ``min_sample_timesteps_per_iteration`` env steps."""
 
-    model_config_keys = ("hidden", "activation", "noisy_layers", "bias_sigma_fan")
+    model_config_keys = ("hidden", "conv_filters", "activation", "noisy_layers", "bias_sigma_fan")
     """What ``rl_module(model_config=...)`` may set; noise and epsilon settings are in ``training``."""
 
     @staticmethod
@@ -286,6 +297,10 @@ class NROWAN(UpdateCreditMixin, Algorithm):
                     f"this environment has {action_space}")
         if not isinstance(observation_space, gym.spaces.Box):
             return f"observations must be a Box (a vector of numbers); this environment has {observation_space}"
+        shape = observation_space.shape
+        if is_image_space(observation_space) and shape[-1] in (1, 3, 4) and shape[0] > 4:
+            return (f"image observations must be channels first ([channels, height, width], e.g. the stacked "
+                    f"frames of raysmith/Pong-v5); this environment's are shaped {shape}")
         return None
 
     @classmethod

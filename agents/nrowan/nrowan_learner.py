@@ -60,8 +60,8 @@ class NROWANTorchLearner(ReplayLearnerStateMixin, TorchLearner):
             lambda _, module: module.make_target_networks() if isinstance(module, TargetNetworkAPI) else None
         )
         module = self.module[DEFAULT_MODULE_ID]
-        self.replay = TransitionBuffer(self.config.replay_capacity, module.obs_dim, 1, self._device,
-                                       extra_fields=(RETURN_SO_FAR,))
+        self.replay = TransitionBuffer(self.config.replay_capacity, module.obs_shape, 1, self._device,
+                                       extra_fields=(RETURN_SO_FAR,), obs_dtype=module.obs_dtype)
         self.return_bounds = self.config.return_bounds() or (0.0, 1.0)  # unused when k_final = 0
         self.generator = torch.Generator(device=self._device)
         self.generator.manual_seed(int(self.config.seed or 0) + 7919)

@@ -3,7 +3,9 @@
 The network is an MLP over the observation whose last ``noisy_layers`` fully connected
 layers are :class:`~agents.common.noisy.NoisyLinear` (NoisyNet-DQN and NROWAN-DQN; the
 classic-control network of the paper is 128-128 with the last two layers noisy), or plain
-``nn.Linear`` with epsilon-greedy exploration (DQN).
+``nn.Linear`` with epsilon-greedy exploration (DQN). Image observations (stacked frames,
+channels first, e.g. ``raysmith/Pong-v5``'s ``uint8[4, 84, 84]``) go through DQN's
+convolutional torso first (:class:`ConvQNetwork`); its fully connected head is the same MLP.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ ACTIVATION_FUNCTIONS = {"relu": torch.relu, "tanh": torch.tanh, "elu": nn.functi
 
 DEFAULT_MODEL_CONFIG = {
     "hidden": [128, 128],
+    "conv_filters": [[32, 8, 4], [64, 4, 2], [64, 3, 1]],
     "activation": "relu",
     "noisy": True,
     "noisy_layers": 2,
@@ -104,6 +107,56 @@ class QNetwork(nn.Module):
         return h
 
 
+class ConvQNetwork(nn.Module):
+    """Q(s, .) from stacked frames ``[batch, channels, height, width]`` (uint8 pixels are
+    scaled to [0, 1]): convolutions with ReLU (DQN's torso: 32 8x8 stride 4, 64 4x4 stride 2,
+    64 3x3 stride 1), then a :class:`QNetwork` head whose last ``noisy_layers`` are noisy
+    (NoisyNet-DQN on Atari: 512 hidden units, both head layers noisy)."""
+
+    def __init__(self, obs_shape: Sequence[int], num_actions: int,
+                 conv_filters: Sequence[Sequence[int]] = ((32, 8, 4), (64, 4, 2), (64, 3, 1)),
+                 hidden: Sequence[int] = (512,), activation: str = "relu", noisy_layers: int = 2,
+                 sigma_0: float = 0.4, bias_sigma_fan: str = "out"):
+        super().__init__()
+        channels = int(obs_shape[0])
+        layers: list[nn.Module] = []
+        for out_channels, kernel, stride in conv_filters:
+            layers += [nn.Conv2d(channels, int(out_channels), int(kernel), int(stride)), nn.ReLU()]
+            channels = int(out_channels)
+        self.torso = nn.Sequential(*layers)
+        with torch.no_grad():
+            features = self.torso(torch.zeros(1, *obs_shape)).numel()
+        if features == 0:
+            raise ValueError(f"conv_filters {list(conv_filters)} leave nothing of observations shaped {tuple(obs_shape)}")
+        self.head = QNetwork(features, num_actions, hidden, activation, noisy_layers, sigma_0, bias_sigma_fan)
+
+    @property
+    def noisy_layers(self) -> list[tuple[int, NoisyLinear]]:
+        """``(position in the head, layer)`` of every noisy layer."""
+        return self.head.noisy_layers
+
+    @property
+    def output_layer(self) -> nn.Module:
+        return self.head.output_layer
+
+    @property
+    def noise_shapes(self) -> list[tuple[int, int]]:
+        return self.head.noise_shapes
+
+    def sample_noise(self, generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.head.sample_noise(generator)
+
+    def forward(self, obs: torch.Tensor, noisy: bool | None = None,
+                noise: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        pixels = obs.float().div_(255.0) if obs.dtype == torch.uint8 else obs.float()
+        return self.head(self.torso(pixels).flatten(1), noisy, noise)
+
+
+def is_image_space(space: gym.Space) -> bool:
+    """Observations that go through the convolutional torso: 3-D Boxes (channels first)."""
+    return isinstance(space, gym.spaces.Box) and len(space.shape) == 3
+
+
 def epsilon_at(step: float, start: float, final: float, decay: float) -> float:
     """DQN's exploration rate after ``step`` env steps: exponential decay from start to final."""
     if decay <= 0:
@@ -127,22 +180,28 @@ class NROWANTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         if not isinstance(self.observation_space, gym.spaces.Box):
             raise ValueError(f"needs a Box observation space; got {self.observation_space}")
         self.obs_dim = int(np.prod(self.observation_space.shape))
+        self.image = is_image_space(self.observation_space)
+        self.obs_shape = tuple(self.observation_space.shape) if self.image else (self.obs_dim,)
+        """Observation shape as the replay buffer stores it (images kept whole, vectors flat)."""
+        self.obs_dtype = torch.uint8 if self.image and self.observation_space.dtype == np.uint8 else torch.float32
         self.num_actions = int(self.action_space.n)
         self.noisy = bool(config["noisy"])
         self.epsilon = (float(config["epsilon_start"]), float(config["epsilon_final"]), float(config["epsilon_decay"]))
         self.evaluation_noise = bool(config["evaluation_noise"])
-        self.q = QNetwork(
-            self.obs_dim, self.num_actions, config["hidden"], config["activation"],
-            noisy_layers=int(config["noisy_layers"]) if self.noisy else 0, sigma_0=float(config["sigma_0"]),
-            bias_sigma_fan=config["bias_sigma_fan"],
-        )
+        noise_settings = {"noisy_layers": int(config["noisy_layers"]) if self.noisy else 0,
+                          "sigma_0": float(config["sigma_0"]), "bias_sigma_fan": config["bias_sigma_fan"]}
+        if self.image:
+            self.q = ConvQNetwork(self.obs_shape, self.num_actions, config["conv_filters"], config["hidden"],
+                                  config["activation"], **noise_settings)
+        else:
+            self.q = QNetwork(self.obs_dim, self.num_actions, config["hidden"], config["activation"], **noise_settings)
 
     def _observations(self, batch: dict[str, Any], key: str = Columns.OBS) -> torch.Tensor:
         obs = batch[key]
-        return obs.reshape(obs.shape[0], -1).float()
+        return obs if self.image else obs.reshape(obs.shape[0], -1).float()
 
     def act(self, obs: torch.Tensor, t: float, explore: bool) -> torch.Tensor:
-        """Actions ``[batch]`` (int64) for observations ``[batch, obs_dim]`` after ``t`` env steps."""
+        """Actions ``[batch]`` (int64) for observations ``[batch, *obs_shape]`` after ``t`` env steps."""
         with torch.no_grad():
             if self.noisy:
                 return self.q(obs, noisy=explore or self.evaluation_noise).argmax(-1)
