@@ -205,3 +205,29 @@ checkpoint:
 
 def tiny_ppo(name: str = "tiny", env_steps: int = 1500) -> str:
     return TINY_PPO.format(name=name, env_steps=env_steps)
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (children, their children, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                pass
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == pid]
+        found += children
+        frontier += children
+    return found
+
+
+def command_line(pid: int) -> str:
+    """The command line of ``pid`` (empty if it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

