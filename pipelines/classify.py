@@ -19,8 +19,8 @@ split stratified into train and held-out test images (nothing is downloaded); or
 Ray Data and streamed to the workers, an ImageNet-style ``folder`` (one sub-folder of
 images per class) or a ``parquet`` manifest (an ``image`` column of encoded bytes or a
 ``path`` column, and a ``label`` column of class indices or names). Images that cannot be
-decoded are counted (``data/corrupt_images``) and left out of the loss and the accuracy;
-the rest of each batch trains as usual.
+decoded are counted (``data/corrupt_images``) and leave their batch before augmentation,
+mixing, the loss and the accuracy; the rest of each batch trains as usual.
 """
 
 from __future__ import annotations
@@ -172,8 +172,11 @@ class ImageDecoder:
     ``label`` int64 and ``valid`` (False for images that cannot be decoded or whose class
     is unknown; their pixels are zeros)."""
 
-    def __init__(self, size: int, channels: int, classes: list[str], num_classes: int, labels_from_folders: bool):
+    def __init__(self, size: int, channels: int, classes: list[str], num_classes: int, labels_from_folders: bool,
+                 base: str | None = None):
         self.size, self.channels, self.num_classes = size, channels, num_classes
+        self.base = base
+        """Where relative ``path`` entries of a manifest are found (the manifest's folder)."""
         self.index = {name: position for position, name in enumerate(classes)}
         self.labels_from_folders = labels_from_folders
 
@@ -184,6 +187,20 @@ class ImageDecoder:
             return self.index.get(row_label.decode() if isinstance(row_label, bytes) else row_label)
         label = int(row_label)
         return label if 0 <= label < self.num_classes else None
+
+    def _read(self, path: str) -> bytes:
+        """A manifest entry's bytes (empty if it cannot be read: counted as undecodable)."""
+        import pyarrow.fs
+
+        if "://" not in path and not Path(path).is_absolute() and self.base is not None:
+            path = f"{self.base.rstrip('/')}/{path}"
+        try:
+            filesystem, location = (pyarrow.fs.FileSystem.from_uri(path) if "://" in path
+                                    else (pyarrow.fs.LocalFileSystem(), path))
+            with filesystem.open_input_stream(location) as stream:
+                return stream.read()
+        except (OSError, ValueError):
+            return b""
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -196,7 +213,7 @@ class ImageDecoder:
         elif "image" in batch:
             encoded = batch["image"]
         else:  # a manifest of paths
-            encoded = [Path(str(path)).read_bytes() if Path(str(path)).is_file() else b"" for path in paths]
+            encoded = [self._read(str(path)) for path in paths]
         count = len(encoded)
         images = np.zeros((count, self.size, self.size, self.channels), np.uint8)
         labels = np.zeros(count, np.int64)
@@ -222,14 +239,18 @@ def streamed_datasets(spec: "ClassifySpec") -> tuple[dict[str, Any], dict[str, A
     if classes and len(classes) != spec.model.num_classes:
         raise ValueError(f"{len(classes)} classes in the data ({', '.join(classes[:10])}...) but model.num_classes "
                          f"is {spec.model.num_classes}")
-    decoder = ImageDecoder(data.image_size, spec.model.in_chans, classes, spec.model.num_classes,
-                           labels_from_folders=data.source == "folder")
     datasets, counts = {}, {}
     for split, path in (("train", data.path), ("val", data.val_path)):
+        manifest_folder = path if data.source == "parquet" and not path.endswith(".parquet") else path.rsplit("/", 1)[0]
+        decoder = ImageDecoder(data.image_size, spec.model.in_chans, classes, spec.model.num_classes,
+                               labels_from_folders=data.source == "folder", base=manifest_folder)
+        # files are listed in sorted order (a folder: grouped by class): shuffle the file order
+        # every epoch, on top of each worker's local shuffle buffer
+        shuffle = "files" if split == "train" else None
         if data.source == "folder":
-            raw = ray.data.read_binary_files(path, include_paths=True)
+            raw = ray.data.read_binary_files(path, include_paths=True, shuffle=shuffle)
         else:
-            raw = ray.data.read_parquet(path)
+            raw = ray.data.read_parquet(path, shuffle=shuffle)
         counts[split] = raw.count()
         datasets[split] = raw.map_batches(decoder, batch_size=64, batch_format="numpy")
     return datasets, {"train_count": counts["train"], "val_count": counts["val"], "classes": classes}
@@ -275,13 +296,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         steps_per_epoch = max(1, train_count // spec.train.batch_size)
 
         def train_batches(epoch: int):
-            for batch in train_shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
+            for batch in train_shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device="cpu",
                                                         local_shuffle_buffer_size=spec.data.shuffle_buffer,
                                                         local_shuffle_seed=spec.seed * 1009 + epoch * world + rank):
                 yield _pixels(batch["image"]), batch["label"], batch["valid"]
 
         def test_batches():
-            for batch in val_shard.iter_torch_batches(batch_size=256):
+            for batch in val_shard.iter_torch_batches(batch_size=256, device="cpu"):
                 yield _pixels(batch["image"]), batch["label"], batch["valid"]
     else:
         (train_images, train_labels), (test_images, test_labels) = load_builtin(
@@ -309,23 +330,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 yield test_part[0][start : start + 256], test_part[1][start : start + 256], None
 
     raw = build_model(spec.model)
+    torch.manual_seed(spec.seed * 1009 + rank)  # per-rank drop-path masks and mixing weights from here on
     model = ray.train.torch.prepare_model(raw)
     optimizer = torch.optim.AdamW(parameter_groups(raw, spec.train.weight_decay), lr=spec.train.lr)
-    ema = ModelEMA(raw, spec.train.ema_decay) if spec.train.ema_decay is not None else None
     total_steps = spec.train.epochs * steps_per_epoch
     warmup_steps = round(spec.train.warmup_epochs * steps_per_epoch)
     start_epoch = step = 0
     elapsed = 0.0
 
+    if steps_per_epoch == 0:
+        raise ValueError(f"an epoch has no full batch: {train_count} training images for batch_size "
+                         f"{spec.train.batch_size} ({world} workers); lower train.batch_size")
     checkpoint = ray.train.get_checkpoint()
+    ema_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+        ema_state = state.get("ema")
         start_epoch, step, elapsed = int(state["epoch"]), int(state["step"]), float(state["elapsed"])
+    # the average starts from the restored weights when the checkpoint has none of its own
+    ema = ModelEMA(raw, spec.train.ema_decay) if spec.train.ema_decay is not None else None
+    if ema is not None and ema_state is not None:
+        ema.load_state_dict(ema_state)
 
     autocast = device.type == "cuda" and spec.train.bf16
     for epoch in range(start_epoch, spec.train.epochs):
@@ -338,20 +366,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rate = learning_rate(step, total_steps, warmup_steps, spec.train.lr, spec.train.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = rate
+            if valid is not None:  # undecodable images leave the batch before augmentation and mixing
+                corrupt += int((~valid).sum())
+                if not bool(valid.any()):  # still one step like every other rank, with no weight
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        loss = model(images.to(device)).sum() * 0.0
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    step += 1
+                    continue
+                images, labels = images[valid], labels[valid]
             images = _augment(images, spec.data, generator)
             targets = soft_targets(labels, spec.model.num_classes, spec.data.label_smoothing)
             images, targets = mix(images, targets, spec.data.mixup_alpha, spec.data.cutmix_alpha, generator)
             images, targets = images.to(device), targets.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(images)
-            if valid is None:
-                loss = soft_cross_entropy(logits, targets)
-                counted = labels.shape[0]
-            else:  # undecodable images stay in the batch (every rank takes the same steps) but weigh nothing
-                valid = valid.to(device)
-                counted = int(valid.sum())
-                corrupt += labels.shape[0] - counted
-                loss = soft_cross_entropy(logits[valid], targets[valid]) if counted else logits.sum() * 0.0
+            loss = soft_cross_entropy(logits, targets)
+            counted = labels.shape[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if spec.train.grad_clip is not None:
@@ -363,7 +395,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum += float(loss.detach()) * counted
             seen += counted
         epoch_s = time.perf_counter() - started
-        elapsed += epoch_s
 
         skipped = [0]
 
@@ -379,11 +410,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         correct, tested, test_loss = count_correct(raw, on_device(test_batches(), True))
         ema_correct = count_correct(ema.module, on_device(test_batches(), False))[0] if ema is not None else 0
         totals = torch.tensor([correct, tested, test_loss, float(loss_sum), seen, ema_correct, epoch_s, corrupt,
-                               skipped[0]], dtype=torch.float64)
+                               skipped[0]], dtype=torch.float64, device=device)  # nccl reduces CUDA tensors only
         if world > 1:
             dist.all_reduce(totals)
         (correct, tested, test_loss, train_loss, trained, ema_correct, worker_seconds, corrupt,
          corrupt_in_test) = totals.tolist()
+        if trained == 0:
+            raise ValueError(f"epoch {epoch + 1} had no decodable training image ({int(corrupt)} could not be read): "
+                             f"check data.path and the manifest's image/path column")
+        elapsed += worker_seconds / world  # the same on every rank, so every rank stops at the same epoch
         tested = max(tested, 1.0)
         metrics = {
             "epoch": epoch + 1, "step": step, "lr": rate,
@@ -455,6 +490,8 @@ class ClassifyPipeline(Pipeline):
                 return [Problem("model.num_classes", f"{spec.data.path} has {len(classes)} class folders "
                                                      f"({', '.join(classes[:8])}{'...' if len(classes) > 8 else ''}), "
                                                      f"not {spec.model.num_classes}")]
+        if spec.checkpoint.score == "val/accuracy_ema" and spec.train.ema_decay is None:
+            return [Problem("checkpoint.score", "val/accuracy_ema is reported only with train.ema_decay set")]
         if spec.checkpoint.score not in REPORTED:
             return [Problem("checkpoint.score", f"'{spec.checkpoint.score}' is not reported"
                                                 f"{did_you_mean(spec.checkpoint.score, REPORTED)}; reported: {', '.join(REPORTED)}")]
@@ -486,8 +523,8 @@ class ClassifyPipeline(Pipeline):
                     f"data.source {spec.data.source} is read by Ray Data tasks, which need at least one CPU beside "
                     f"the workers' {reserved:g} (scaling.num_workers x scaling.cpus_per_worker) of this cluster's "
                     f"{total:g}; lower scaling.cpus_per_worker (fractions work, e.g. 0.5) or scaling.num_workers")
-        channel = Queue()
         datasets, data_info = streamed_datasets(spec) if streamed else ({}, {})
+        channel = Queue()
         run_dir = getattr(session, "run_dir", None)
         storage = spec.storage_path or str(Path(run_dir or tempfile.mkdtemp(prefix="raysmith-train-")) / "ray_train")
         worker_resources = {"CPU": spec.scaling.cpus_per_worker}
@@ -519,22 +556,25 @@ class ClassifyPipeline(Pipeline):
         worker.start()
         last: dict[str, Any] = {}
         best: float | None = None
-        while worker.is_alive() or not channel.empty():
-            try:
-                metrics, checkpoint_path = channel.get(timeout=0.5)
-            except queue_module.Empty:
-                continue
-            except Exception:  # the queue actor's own Empty
-                if not worker.is_alive() and channel.empty():
-                    break
-                continue
-            last = metrics
-            score = metrics.get(spec.checkpoint.score)
-            if score is not None:
-                best = score if best is None else max(best, score)
-            session.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=int(metrics["epoch"]))
-        worker.join()
-        channel.shutdown()
+        try:
+            while worker.is_alive() or not channel.empty():
+                try:
+                    metrics, _ = channel.get(timeout=0.5)
+                except queue_module.Empty:
+                    continue
+                except Exception:  # the queue actor's own Empty
+                    if not worker.is_alive() and channel.empty():
+                        break
+                    continue
+                last = metrics
+                score = metrics.get(spec.checkpoint.score)
+                if score is not None:
+                    best = score if best is None else max(best, score)
+                session.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                               step=int(metrics["epoch"]))
+            worker.join()
+        finally:
+            channel.shutdown()  # a still-running fit then fails at its next report
         if "error" in outcome:
             raise outcome["error"]
         result = outcome["result"]
@@ -542,9 +582,10 @@ class ClassifyPipeline(Pipeline):
         summary["train_time_s"] = round(float(last.get("time/train_s", 0.0)), 1)
         if best is not None:
             summary[f"best/{spec.checkpoint.score}"] = best
-        best_checkpoints = getattr(result, "best_checkpoints", None) or []
-        if best_checkpoints:
-            summary["checkpoint"] = best_checkpoints[0][0].path if isinstance(best_checkpoints[0], tuple) else best_checkpoints[0].path
+        kept = getattr(result, "best_checkpoints", None) or []
+        if kept:  # (checkpoint, metrics) pairs; the best by the score
+            best_checkpoint, _ = max(kept, key=lambda pair: pair[1].get(spec.checkpoint.score, float("-inf")))
+            summary["checkpoint"] = best_checkpoint.path
         elif result.checkpoint is not None:
             summary["checkpoint"] = result.checkpoint.path
         return summary

@@ -110,6 +110,10 @@ def test_bad_specs_are_refused_before_ray(tmp_path):
         load_spec(nano_mnist(tmp_path, model={"name": "cswin_nano32"}))
     with pytest.raises(SpecError, match="'val/acc' is not reported.*val/accuracy"):
         load_spec(nano_mnist(tmp_path, checkpoint={"score": "val/acc"}))
+    with pytest.raises(SpecError, match="only with train.ema_decay"):
+        load_spec(nano_mnist(tmp_path, checkpoint={"score": "val/accuracy_ema"}, train={"ema_decay": None}))
+    with pytest.raises(SpecError, match="needs data.path and data.val_path"):
+        load_spec(nano_mnist(tmp_path, data={"source": "folder"}))
 
 
 # ---------------------------------------------------------------- Ray Train runs
@@ -141,9 +145,9 @@ def test_two_workers_train_and_rank_zero_reports_to_mlflow(tmp_path, workdir):
     assert losses[-1] < losses[0]
     history = client.get_metric_history(outcome.run_id, "data/test_images")
     assert history[-1].value == 1000  # both workers' test parts summed: the whole held-out set
-    checkpoint = outcome.summary["checkpoint"]
+    checkpoint = outcome.summary["checkpoint"]  # the best kept one by val/accuracy
     state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
-    assert state["epoch"] in (2, 3) and "ema" in state
+    assert accuracy[state["epoch"] - 1] == max(accuracy) and state["ema"] is not None
 
 
 def train_worker_pids():

@@ -93,6 +93,9 @@ def test_hand_written_gradients_equal_autograds(activation, noisy_layers):
         loss = loss + k * noise_level(network.output_layer)
     loss.backward()
     torch.testing.assert_close(by_hand, flat.grad, rtol=1e-5, atol=1e-6)
+    TDGradients(network)(obs, actions, targets, noise, 1.7)  # k as a number: the same gradient
+    torch.testing.assert_close(flat.grad, by_hand, rtol=1e-6, atol=1e-7)
+    flat.grad.copy_(by_hand)
     torch.testing.assert_close(td_loss, (q - targets).pow(2).mean().detach())
     torch.testing.assert_close(q_taken, q.detach())
     assert (level is None) == (noisy_layers == 0)

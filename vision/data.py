@@ -81,7 +81,7 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator |
 
 def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each image left-right with probability 1/2."""
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 

@@ -49,10 +49,12 @@ class NoiseStream:
             offset += fan_in + fan_out
         self.width = offset
         self._chunk: torch.Tensor | None = None
+        self._device: torch.device | str | None = None
         self._next = draws
 
-    def __call__(self, device: torch.device | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self._next == self.draws or self._chunk.device != device:
+    def __call__(self, device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._next == self.draws or device != self._device:  # the device asked for, as given
+            self._device = device
             chunk = torch.randn(self.draws, self.width, device=device)
             self._chunk = chunk.abs().sqrt_().copysign_(chunk)
             self._next = 0

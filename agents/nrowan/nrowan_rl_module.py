@@ -188,6 +188,8 @@ class NROWANTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         self.noisy = bool(config["noisy"])
         self.epsilon = (float(config["epsilon_start"]), float(config["epsilon_final"]), float(config["epsilon_decay"]))
         self.evaluation_noise = bool(config["evaluation_noise"])
+        if self.noisy and int(config["noisy_layers"]) < 1:
+            raise ValueError("noisy networks need noisy_layers >= 1 (noisy: false is DQN with epsilon-greedy)")
         noise_settings = {"noisy_layers": int(config["noisy_layers"]) if self.noisy else 0,
                           "sigma_0": float(config["sigma_0"]), "bias_sigma_fan": config["bias_sigma_fan"]}
         if self.image:

@@ -131,8 +131,11 @@ class TDGradients:
             return td_loss, q_taken, None
         weight_sigma, bias_sigma = parameters[2], parameters[3]
         level = (weight_sigma.abs().sum() + bias_sigma.abs().sum()) * self.level_scale
-        if noise_weight is not None and not (isinstance(noise_weight, float) and noise_weight == 0.0):
+        if isinstance(noise_weight, torch.Tensor):  # k as a tensor: no host sync
             scale = noise_weight * self.level_scale
             gradients[2].addcmul_(weight_sigma.sign(), scale)
             gradients[3].addcmul_(bias_sigma.sign(), scale)
+        elif noise_weight:
+            gradients[2].add_(weight_sigma.sign(), alpha=float(noise_weight) * self.level_scale)
+            gradients[3].add_(bias_sigma.sign(), alpha=float(noise_weight) * self.level_scale)
         return td_loss, q_taken, level
