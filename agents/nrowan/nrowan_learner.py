@@ -35,7 +35,7 @@ from agents.common.learning_rates import apply_learning_rate_schedules
 from agents.common.off_policy import ReplayLearnerStateMixin
 from agents.common.replay import TransitionBuffer
 from agents.nrowan.nrowan_rl_module import Q_VALUES, QNetwork
-from agents.nrowan.td_gradients import TDGradients
+from agents.nrowan.td_gradients import TDGradients, noise_level  # noqa: F401  (noise_level: part of this module's API)
 
 TD_TARGET = "td_target"
 RETURN_SO_FAR = "return_so_far"
@@ -45,12 +45,6 @@ RETURN_SO_FAR = "return_so_far"
 def noise_weight(return_so_far: torch.Tensor, k_final: float, r_min: float, r_max: float) -> torch.Tensor:
     """Online weight adjustment: k = clip(k_final * (R+ - R_min) / (R_max - R_min), 0, k_final)."""
     return (k_final * (return_so_far - r_min) / (r_max - r_min)).clamp(0.0, k_final)
-
-
-def noise_level(layer) -> torch.Tensor:
-    """D of a noisy layer: (sum |sigma_w| + sum |sigma_b|) / ((p* + 1) * N_a)."""
-    fan_out, fan_in = layer.weight_sigma.shape
-    return (layer.weight_sigma.abs().sum() + layer.bias_sigma.abs().sum()) / ((fan_in + 1) * fan_out)
 
 
 class NROWANTorchLearner(ReplayLearnerStateMixin, TorchLearner):

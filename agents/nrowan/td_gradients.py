@@ -36,6 +36,17 @@ _ACTIVATION_BACKWARD = {
 }
 
 
+def noise_level_scale(layer: NoisyLinear) -> float:
+    """``1 / ((p* + 1) * N_a)``: the normaliser of a noisy layer's noise level D."""
+    fan_out, fan_in = layer.weight_sigma.shape
+    return 1.0 / ((fan_in + 1) * fan_out)
+
+
+def noise_level(layer: NoisyLinear) -> torch.Tensor:
+    """D of a noisy layer: (sum |sigma_w| + sum |sigma_b|) / ((p* + 1) * N_a)."""
+    return (layer.weight_sigma.abs().sum() + layer.bias_sigma.abs().sum()) * noise_level_scale(layer)
+
+
 class TDGradients:
     """The gradient of ``TD + k * D`` for one :class:`QNetwork`, by hand.
 
@@ -58,8 +69,7 @@ class TDGradients:
                     parameter.grad = torch.zeros_like(parameter)
             self.layers.append((noisy, parameters, tuple(parameter.grad for parameter in parameters)))
         output = network.output_layer
-        self.level_scale = 1.0 / ((output.in_features + 1) * output.out_features)
-        """``1 / ((p* + 1) * N_a)``: D's normaliser."""
+        self.level_scale = noise_level_scale(output) if isinstance(output, NoisyLinear) else 0.0
 
     @torch.no_grad()
     def __call__(
@@ -130,7 +140,7 @@ class TDGradients:
         if not noisy:
             return td_loss, q_taken, None
         weight_sigma, bias_sigma = parameters[2], parameters[3]
-        level = (weight_sigma.abs().sum() + bias_sigma.abs().sum()) * self.level_scale
+        level = noise_level(self.network.output_layer)
         if isinstance(noise_weight, torch.Tensor):  # k as a tensor: no host sync
             scale = noise_weight * self.level_scale
             gradients[2].addcmul_(weight_sigma.sign(), scale)
