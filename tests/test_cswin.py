@@ -86,15 +86,32 @@ def direct_stripe_attention(q, k, v, attention: StripeAttention):
     return out[:, top : top + height, left : left + width]
 
 
+@pytest.mark.parametrize("mode", ["sdpa", "matmul"])
 @pytest.mark.parametrize("orientation", [0, 1, -1])
 @pytest.mark.parametrize("size", [(8, 12), (7, 10)])  # divisible, and padded to the stripe grid
-def test_stripes_and_lepe_against_a_direct_computation(orientation, size):
+def test_stripes_and_lepe_against_a_direct_computation(orientation, size, mode):
     torch.manual_seed(orientation + 3)
-    attention = StripeAttention(dim=8, num_heads=2, orientation=orientation, split_size=4)
+    attention = StripeAttention(dim=8, num_heads=2, orientation=orientation, split_size=4, attention=mode)
     q, k, v = (torch.randn(2, *size, 8) for _ in range(3))
     with torch.no_grad():
         torch.testing.assert_close(attention(q, k, v), direct_stripe_attention(q, k, v, attention), rtol=1e-5,
                                    atol=1e-5)
+
+
+def test_both_attention_modes_give_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    models = {mode: cswin_nano_32(num_classes=5, attention=mode) for mode in ("sdpa", "matmul")}
+    models["matmul"].load_state_dict(models["sdpa"].state_dict())
+    x = torch.randn(3, 3, 36, 30)
+    outputs, gradients = {}, {}
+    for mode, model in models.items():
+        outputs[mode] = model(x)
+        outputs[mode].square().sum().backward()
+        gradients[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(outputs["sdpa"], outputs["matmul"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gradients["sdpa"], gradients["matmul"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        cswin_nano_32(attention="flash")
 
 
 def test_the_two_halves_attend_in_crossed_stripes():

@@ -20,8 +20,10 @@ ImageNet checkpoints load unchanged (:func:`load_checkpoint`). Beyond the refere
 - any input height and width: each attention branch zero-pads q, k and v to its stripe grid
   (centred) and crops the output back, as the reference's segmentation backbone does;
 - :meth:`CSWinTransformer.forward_features` returns the four stage maps for dense tasks;
-- attention runs through ``torch.nn.functional.scaled_dot_product_attention``, with the
-  stripes of all heads cut by one reshape of the image;
+- q, k and v of all stripes and heads are cut out of the qkv projection by one permuted
+  copy; attention runs through ``torch.nn.functional.scaled_dot_product_attention`` on
+  accelerators and as two batched matrix products on CPU (``attention=``, measured faster
+  there for these short stripes);
 - ``use_checkpoint`` recomputes each block in the backward pass (activation checkpointing).
 
 The reference switches a block of stages 1-3 to global attention when the stage's
@@ -70,6 +72,14 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+ATTENTION_MODES = ("auto", "sdpa", "matmul")
+"""How stripe attention is computed: ``sdpa`` (``F.scaled_dot_product_attention``: fused
+kernels, no stored attention matrix), ``matmul`` (explicit batched products and softmax),
+``auto`` (``sdpa`` on accelerators, ``matmul`` on CPU, where it measured faster for
+CSWin's stripes of 49-98 tokens; see ``benchmarks/cswin_speed.py``). All give the same
+outputs to float rounding."""
+
+
 def _centred_padding(size: int, window: int) -> tuple[int, int]:
     extra = (window - size % window) % window
     return extra // 2, extra - extra // 2
@@ -83,8 +93,11 @@ class StripeAttention(nn.Module):
     parameters are LePE's depthwise convolution ``get_v`` (the reference's name).
     """
 
-    def __init__(self, dim: int, num_heads: int, orientation: int, split_size: int):
+    def __init__(self, dim: int, num_heads: int, orientation: int, split_size: int, attention: str = "auto"):
         super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        self.attention = attention
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         if orientation not in (-1, 0, 1):
@@ -103,29 +116,40 @@ class StripeAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: ``[B, H, W, C]`` maps; returns the attention output, ``[B, H, W, C]``."""
-        batch, height, width, channels = q.shape
+        return self.attend(torch.stack((q, k, v), dim=3))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``qkv``: ``[B, H, W, 3, C]`` (q, k, v of each position, any strides); returns ``[B, H, W, C]``.
+
+        q, k and v of every stripe and head are cut out of ``qkv`` by one permuted copy, so
+        each head's tokens are contiguous for the two batched matrix products; LePE convolves
+        v's stripes in channels-last layout.
+        """
+        batch, height, width, _, channels = qkv.shape
         window_h, window_w = self.window(height, width)
         top, bottom = _centred_padding(height, window_h)
         left, right = _centred_padding(width, window_w)
         if top or bottom or left or right:  # zero q, k, v outside the map, as the reference's segmentation backbone
-            q, k, v = (F.pad(t, (0, 0, left, right, top, bottom)) for t in (q, k, v))
+            qkv = F.pad(qkv, (0, 0, 0, 0, left, right, top, bottom))
         padded_h, padded_w = height + top + bottom, width + left + right
         rows, cols = padded_h // window_h, padded_w // window_w
         heads, head_dim = self.num_heads, channels // self.num_heads
         tokens = window_h * window_w
-
-        def stripes(t: torch.Tensor) -> torch.Tensor:  # [B, H, W, C] -> [B * windows, window_h, window_w, C]
-            t = t.reshape(batch, rows, window_h, cols, window_w, channels).transpose(2, 3)
-            return t.reshape(batch * rows * cols, window_h, window_w, channels)
-
-        def split_heads(t: torch.Tensor) -> torch.Tensor:  # -> [B * windows, heads, tokens, head_dim]
-            return t.reshape(-1, tokens, heads, head_dim).transpose(1, 2)
-
-        v_windows = stripes(v)
-        lepe = self.get_v(v_windows.permute(0, 3, 1, 2))  # depthwise 3x3 inside each stripe
-        out = F.scaled_dot_product_attention(split_heads(stripes(q)), split_heads(stripes(k)), split_heads(v_windows))
-        out = out.transpose(1, 2).reshape(-1, window_h, window_w, channels) + lepe.permute(0, 2, 3, 1)
-        out = out.reshape(batch, rows, cols, window_h, window_w, channels).transpose(2, 3)
+        grid = qkv.reshape(batch, rows, window_h, cols, window_w, 3, heads, head_dim)
+        # [3, B * rows * cols * heads, tokens, head_dim], one copy
+        q, k, v = grid.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, -1, tokens, head_dim).unbind(0)
+        if self.attention == "sdpa" or (self.attention == "auto" and q.device.type != "cpu"):
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:  # two batched products and a softmax: faster than SDPA's CPU kernels for stripes this short
+            weights = torch.baddbmm(q.new_empty(()).expand(q.shape[0], tokens, tokens), q, k.transpose(1, 2),
+                                    beta=0.0, alpha=head_dim**-0.5).softmax(dim=-1)
+            out = torch.bmm(weights, v)
+        out = out.view(batch, rows, cols, heads, window_h, window_w, head_dim)
+        # LePE: depthwise 3x3 inside each stripe, on v's stripes [B * windows, C, window_h, window_w] (channels last)
+        v_windows = v.view(-1, heads, window_h, window_w, head_dim).permute(0, 2, 3, 1, 4)
+        v_windows = v_windows.reshape(-1, window_h, window_w, channels)
+        lepe = self.get_v(v_windows.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6) + lepe.reshape(batch, rows, cols, window_h, window_w, heads, head_dim).transpose(2, 3)
         out = out.reshape(batch, padded_h, padded_w, channels)
         if top or bottom or left or right:
             out = out[:, top : top + height, left : left + width]
@@ -136,7 +160,7 @@ class CSWinBlock(nn.Module):
     """Pre-norm cross-shaped window attention and MLP, each with a residual connection."""
 
     def __init__(self, dim: int, num_heads: int, split_size: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, last_stage: bool = False):
+                 drop_path: float = 0.0, last_stage: bool = False, attention: str = "auto"):
         super().__init__()
         self.dim = dim
         # registration order follows the reference's state dict
@@ -144,12 +168,12 @@ class CSWinBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, dim)
         if last_stage:
-            self.attns = nn.ModuleList([StripeAttention(dim, num_heads, -1, split_size)])
+            self.attns = nn.ModuleList([StripeAttention(dim, num_heads, -1, split_size, attention)])
         else:
             if num_heads % 2 or dim % 2:
                 raise ValueError(f"cross-shaped attention splits heads and channels in two; got {num_heads} heads, dim {dim}")
             self.attns = nn.ModuleList(
-                StripeAttention(dim // 2, num_heads // 2, orientation, split_size) for orientation in (0, 1)
+                StripeAttention(dim // 2, num_heads // 2, orientation, split_size, attention) for orientation in (0, 1)
             )
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm2 = nn.LayerNorm(dim)
@@ -157,15 +181,13 @@ class CSWinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, H, W, C]`` (channels last)."""
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        qkv = self.qkv(self.norm1(x)).unflatten(-1, (3, self.dim))
         if len(self.attns) == 1:
-            attended = self.attns[0](q, k, v)
+            attended = self.attns[0].attend(qkv)
         else:
             half = self.dim // 2
-            attended = torch.cat([
-                self.attns[0](q[..., :half], k[..., :half], v[..., :half]),
-                self.attns[1](q[..., half:], k[..., half:], v[..., half:]),
-            ], dim=-1)
+            first, second = qkv.split(half, dim=-1)  # (its gradient is one concatenation)
+            attended = torch.cat([self.attns[0].attend(first), self.attns[1].attend(second)], dim=-1)
         x = x + self.drop_path(self.proj(attended))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -201,12 +223,13 @@ class CSWinTransformer(nn.Module):
         num_heads: attention heads per stage.
         drop_path_rate: stochastic depth of the last block (rising linearly from 0).
         use_checkpoint: recompute blocks in the backward pass to save activation memory.
+        attention: one of :data:`ATTENTION_MODES` (default ``auto``).
     """
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 64,
                  depth: Sequence[int] = (1, 2, 21, 1), split_size: Sequence[int] = (1, 2, 7, 7),
                  num_heads: Sequence[int] = (2, 4, 8, 16), mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path_rate: float = 0.0, use_checkpoint: bool = False):
+                 drop_path_rate: float = 0.0, use_checkpoint: bool = False, attention: str = "auto"):
         super().__init__()
         if not (len(depth) == len(split_size) == len(num_heads) == 4):
             raise ValueError("depth, split_size and num_heads need one entry per stage (4)")
@@ -224,7 +247,7 @@ class CSWinTransformer(nn.Module):
         for stage in range(4):
             blocks = nn.ModuleList(
                 CSWinBlock(dims[stage], num_heads[stage], split_size[stage], mlp_ratio, qkv_bias,
-                           rates[first + index], last_stage=stage == 3)
+                           rates[first + index], last_stage=stage == 3, attention=attention)
                 for index in range(depth[stage])
             )
             first += depth[stage]
