@@ -3,7 +3,8 @@
 One :class:`ray.train.torch.TorchTrainer` run: ``scaling.num_workers`` workers, each a DDP
 rank (gloo on CPU, nccl on GPU), train a model from :mod:`vision.backbones` with AdamW,
 linear warm-up then cosine learning rate (per step), label smoothing, optional
-mixup/cutmix, random-crop/flip augmentation, gradient clipping, an EMA of the weights and,
+mixup/cutmix, the ImageNet augmentations of :mod:`vision.augment` (random-resized crops, flips,
+RandAugment, random erasing) and normalisation, gradient clipping, an EMA of the weights and,
 on GPUs, bf16 autocast. Each worker reads its part of the training set through a
 ``DistributedSampler`` (``set_epoch`` every epoch, so every epoch is a new shuffle) and
 evaluates its part of the held-out set; the counts are summed across workers.
@@ -57,7 +58,7 @@ class ModelSettings(SpecModel):
 
 
 class DataSettings(SpecModel):
-    source: Literal["mnist", "digits", "folder", "parquet"] = "mnist"
+    source: Literal["mnist", "digits", "photos", "folder", "parquet"] = "mnist"
     path: str | None = None
     """``folder``: the training images, one sub-folder per class; ``parquet``: the training
     manifest (a file or a folder of files). Local paths or URIs Ray Data reads (``s3://``)."""
@@ -76,10 +77,42 @@ class DataSettings(SpecModel):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Share of every class held out for testing."""
     random_crop_padding: int = Field(0, ge=0)
+    """Random translation: pad by this many pixels and crop back (small images)."""
+    random_resized_crop: bool = False
+    """A random box of ``crop_scale`` of the area and ``crop_ratio`` aspect, resized to
+    ``image_size`` (streamed images: cut from the full-resolution picture while decoding)."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    eval_crop_pct: float = Field(1.0, gt=0.0, le=1.0)
+    """Streamed held-out images: the shorter side is resized to image_size / eval_crop_pct
+    and the centre cropped (0.875: 224 from 256)."""
     hflip: bool = False
+    rand_augment: str | None = None
+    """RandAugment in the recipe's notation, e.g. ``rand-m9-mstd0.5-inc1`` (see vision.augment)."""
+    mean: list[float] | None = None
+    """Per-channel normalisation after augmentation (and for testing): (x - mean) / std."""
+    std: list[float] | None = None
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability of erasing one random box per image with noise (after normalisation)."""
     mixup_alpha: float = Field(0.0, ge=0.0)
     cutmix_alpha: float = Field(0.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _augmentations(self) -> "DataSettings":
+        if self.rand_augment is not None:
+            from vision.augment import RandAugmentSettings
+
+            RandAugmentSettings.parse(self.rand_augment)  # a bad string is refused here, naming what is allowed
+        for name, (low, high) in (("crop_scale", self.crop_scale), ("crop_ratio", self.crop_ratio)):
+            if not 0 < low <= high or (name == "crop_scale" and high > 1):
+                raise ValueError(f"data.{name} must be (low, high) with 0 < low <= high"
+                                 f"{' <= 1' if name == 'crop_scale' else ''}, got {(low, high)}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("data.mean and data.std go together: give both or neither")
+        if self.std is not None and any(value <= 0 for value in self.std):
+            raise ValueError(f"data.std must be positive, got {self.std}")
+        return self
 
 
 class TrainSettings(SpecModel):
@@ -136,6 +169,14 @@ class ClassifySpec(ExperimentSpec):
         return self
 
     @model_validator(mode="after")
+    def _normalisation_channels(self) -> "ClassifySpec":
+        for name in ("mean", "std"):
+            values = getattr(self.data, name)
+            if values is not None and len(values) != self.model.in_chans:
+                raise ValueError(f"data.{name} has {len(values)} values but model.in_chans is {self.model.in_chans}")
+        return self
+
+    @model_validator(mode="after")
     def _batch_splits(self) -> "ClassifySpec":
         if self.train.batch_size % self.scaling.num_workers:
             raise ValueError(f"train.batch_size {self.train.batch_size} must be divisible by "
@@ -173,8 +214,11 @@ class ImageDecoder:
     is unknown; their pixels are zeros)."""
 
     def __init__(self, size: int, channels: int, classes: list[str], num_classes: int, labels_from_folders: bool,
-                 base: str | None = None):
+                 base: str | None = None, crop_pct: float = 1.0, random_crop: tuple | None = None):
         self.size, self.channels, self.num_classes = size, channels, num_classes
+        self.crop_pct = crop_pct
+        self.random_crop = random_crop
+        """``(scale, ratio)`` of training images' random-resized crops, or None (centre crop)."""
         self.base = base
         """Where relative ``path`` entries of a manifest are found (the manifest's folder)."""
         self.index = {name: position for position, name in enumerate(classes)}
@@ -215,13 +259,19 @@ class ImageDecoder:
         else:  # a manifest of paths
             encoded = [self._read(str(path)) for path in paths]
         count = len(encoded)
+        random_crop = None
+        if self.random_crop is not None:  # fresh crops on every pass over the data (every epoch)
+            import torch
+
+            generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+            random_crop = (*self.random_crop, generator)
         images = np.zeros((count, self.size, self.size, self.channels), np.uint8)
         labels = np.zeros(count, np.int64)
         valid = np.zeros(count, bool)
         for row in range(count):
             label = self._label(None if self.labels_from_folders else batch["label"][row],
                                 None if paths is None else paths[row])
-            image = decode_image(bytes(encoded[row]), self.size, self.channels)
+            image = decode_image(bytes(encoded[row]), self.size, self.channels, self.crop_pct, random_crop)
             if image is not None and label is not None:
                 images[row], labels[row], valid[row] = image, label, True
         return {"image": images, "label": labels, "valid": valid}
@@ -242,8 +292,10 @@ def streamed_datasets(spec: "ClassifySpec") -> tuple[dict[str, Any], dict[str, A
     datasets, counts = {}, {}
     for split, path in (("train", data.path), ("val", data.val_path)):
         manifest_folder = path if data.source == "parquet" and not path.endswith(".parquet") else path.rsplit("/", 1)[0]
+        random_crop = (data.crop_scale, data.crop_ratio) if split == "train" and data.random_resized_crop else None
         decoder = ImageDecoder(data.image_size, spec.model.in_chans, classes, spec.model.num_classes,
-                               labels_from_folders=data.source == "folder", base=manifest_folder)
+                               labels_from_folders=data.source == "folder", base=manifest_folder,
+                               crop_pct=data.eval_crop_pct if split == "val" else 1.0, random_crop=random_crop)
         # files are listed in sorted order (a folder: grouped by class): shuffle the file order
         # every epoch, on top of each worker's local shuffle buffer
         shuffle = "files" if split == "train" else None
@@ -256,11 +308,30 @@ def streamed_datasets(spec: "ClassifySpec") -> tuple[dict[str, Any], dict[str, A
     return datasets, {"train_count": counts["train"], "val_count": counts["val"], "classes": classes}
 
 
-def _augment(images, data: DataSettings, generator):
+def _augment(images, data: DataSettings, generator, streamed: bool):
+    """Training augmentations of a CPU batch in [0, 1], in the recipe's order: random-resized
+    crop (here for built-in data; streamed images were cropped while decoding), translation,
+    flip, RandAugment, normalisation, random erasing. (Mixup/CutMix follow in the loop.)"""
+    from vision.augment import RandAugmentSettings, rand_augment, random_erasing, random_resized_crop
     from vision.data import random_crop, random_flip
 
+    if data.random_resized_crop and not streamed:
+        images = random_resized_crop(images, data.image_size, data.crop_scale, data.crop_ratio, generator)
     images = random_crop(images, data.random_crop_padding, generator)
-    return random_flip(images, generator) if data.hflip else images
+    if data.hflip:
+        images = random_flip(images, generator)
+    if data.rand_augment is not None:
+        fill = data.mean if data.mean is not None else 0.5
+        images = rand_augment(images, RandAugmentSettings.parse(data.rand_augment), fill, generator)
+    images = _normalise(images, data)
+    return random_erasing(images, data.random_erasing, generator=generator)
+
+
+def _normalise(images, data: DataSettings):
+    if data.mean is None:
+        return images
+    mean = images.new_tensor(data.mean).view(1, -1, 1, 1)
+    return (images - mean) / images.new_tensor(data.std).view(1, -1, 1, 1)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -376,7 +447,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     step += 1
                     continue
                 images, labels = images[valid], labels[valid]
-            images = _augment(images, spec.data, generator)
+            images = _augment(images, spec.data, generator, streamed)
             targets = soft_targets(labels, spec.model.num_classes, spec.data.label_smoothing)
             images, targets = mix(images, targets, spec.data.mixup_alpha, spec.data.cutmix_alpha, generator)
             images, targets = images.to(device), targets.to(device)
@@ -405,7 +476,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         skipped[0] += int((~valid).sum())
                     images, labels = images[valid], labels[valid]
                 if labels.shape[0]:
-                    yield images.to(device), labels.to(device)
+                    yield _normalise(images, spec.data).to(device), labels.to(device)
 
         correct, tested, test_loss = count_correct(raw, on_device(test_batches(), True))
         ema_correct = count_correct(ema.module, on_device(test_batches(), False))[0] if ema is not None else 0
@@ -490,6 +561,13 @@ class ClassifyPipeline(Pipeline):
                 return [Problem("model.num_classes", f"{spec.data.path} has {len(classes)} class folders "
                                                      f"({', '.join(classes[:8])}{'...' if len(classes) > 8 else ''}), "
                                                      f"not {spec.model.num_classes}")]
+        builtin_classes = {"mnist": 10, "digits": 10, "photos": 6}.get(spec.data.source)
+        if builtin_classes is not None and spec.model.num_classes < builtin_classes:
+            return [Problem("model.num_classes", f"data.source {spec.data.source} has {builtin_classes} classes; "
+                                                 f"model.num_classes is {spec.model.num_classes}")]
+        if spec.data.source == "photos" and spec.model.in_chans != 3:
+            return [Problem("model.in_chans", f"data.source photos is RGB: model.in_chans must be 3, "
+                                               f"not {spec.model.in_chans}")]
         if spec.checkpoint.score == "val/accuracy_ema" and spec.train.ema_decay is None:
             return [Problem("checkpoint.score", "val/accuracy_ema is reported only with train.ema_decay set")]
         if spec.checkpoint.score not in REPORTED:

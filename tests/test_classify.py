@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import command_line, descendants, write_spec
+from helpers import CONFIGS, command_line, descendants, write_spec
 from mlflow.tracking import MlflowClient
 
 from pipelines.errors import RunFailed, SpecError
@@ -114,6 +114,16 @@ def test_bad_specs_are_refused_before_ray(tmp_path):
         load_spec(nano_mnist(tmp_path, checkpoint={"score": "val/accuracy_ema"}, train={"ema_decay": None}))
     with pytest.raises(SpecError, match="needs data.path and data.val_path"):
         load_spec(nano_mnist(tmp_path, data={"source": "folder"}))
+    with pytest.raises(SpecError, match="unknown RandAugment setting 'x4'.*allowed: m<magnitude>"):
+        load_spec(nano_mnist(tmp_path, data={"rand_augment": "rand-m9-x4"}))
+    with pytest.raises(SpecError, match="data.mean and data.std go together"):
+        load_spec(nano_mnist(tmp_path, data={"mean": [0.5]}))
+    with pytest.raises(SpecError, match="data.mean has 3 values but model.in_chans is 1"):
+        load_spec(nano_mnist(tmp_path, data={"mean": [0.5] * 3, "std": [0.2] * 3}))
+    with pytest.raises(SpecError, match=r"data.crop_scale must be \(low, high\)"):
+        load_spec(nano_mnist(tmp_path, data={"crop_scale": [0.5, 0.2]}))
+    with pytest.raises(SpecError, match="photos is RGB: model.in_chans must be 3"):
+        load_spec(nano_mnist(tmp_path, data={"source": "photos"}))
 
 
 # ---------------------------------------------------------------- Ray Train runs
@@ -246,3 +256,18 @@ def test_a_folder_with_corrupt_images_streams_through_ray_data(tmp_path, workdir
     # every broken file the workers met is counted (the train count: those in full batches)
     assert 1 <= last("data/corrupt_images") <= 4
     assert last("val/accuracy") >= 0.0 and last("train/loss") > 0
+
+
+@pytest.mark.usefixtures("ray_for_train")
+def test_the_imagenet_augmentations_train_on_rgb_photo_crops(tmp_path, workdir):
+    """Random-resized crops, flips, RandAugment, normalisation, random erasing, mixup/cutmix
+    and label smoothing together, on two workers: a 6-class problem learnt above chance."""
+    with open(CONFIGS / "cswin_nano_photos.yaml") as handle:
+        recipe = yaml.safe_load(handle)
+    recipe.update(train={**recipe["train"], "epochs": 4}, output_dir=str(tmp_path / "runs"))
+    outcome = run_local(load_spec(write_spec(tmp_path, "photos.yaml", yaml.safe_dump(recipe))))
+    client = MlflowClient(outcome.tracking_uri)
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
+    accuracy = [m.value for m in client.get_metric_history(outcome.run_id, "val/accuracy")]
+    assert len(accuracy) == 4 and max(accuracy) > 0.3  # chance: 1/6
+    assert client.get_metric_history(outcome.run_id, "data/test_images")[-1].value == 300

