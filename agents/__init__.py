@@ -14,6 +14,8 @@ ALGORITHMS: dict[str, str] = {
     "NROWAN": "agents.nrowan:NROWAN",
     "NoisyNetDQN": "agents.nrowan:NoisyNetDQN",
     "EpsilonGreedyDQN": "agents.nrowan:EpsilonGreedyDQN",
+    "ERL": "agents.rim:ERL",
+    "RIM": "agents.rim:RIM",
 }
 
 from agents.envs import register_environments  # noqa: E402  (raysmith/Pong-v5 and friends)

@@ -276,6 +276,10 @@ def extract_metrics(result: dict[str, Any]) -> dict[str, float]:
     if sampled is not None and metrics["time/iteration_s"] > 0:
         metrics["throughput/env_steps_per_s"] = sampled / metrics["time/iteration_s"]
     metrics.update(_episode_stats(runners, "train"))
+    for key, value in result.get("population", {}).items():  # ERL and RIM: one generation per iteration
+        number = finite_number(value)
+        if number is not None:
+            metrics[f"population/{key}"] = number
     learners = {k: v for k, v in result.get("learners", {}).items() if k != "__all_modules__"}
     for module_id, stats in learners.items():
         prefix = "learner" if len(learners) == 1 else f"learner/{module_id}"

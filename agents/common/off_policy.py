@@ -30,6 +30,17 @@ def replay_config_errors(config: Any, name: str) -> list[str]:
     return errors
 
 
+def set_provided(config: Any, arguments: dict[str, Any]) -> Any:
+    """Set every keyword of an ``AlgorithmConfig.training(...)`` call that was given (not
+    RLlib's ``NotProvided``) on ``config``; ``arguments`` is that method's ``locals()``."""
+    from ray.rllib.algorithms.algorithm_config import NotProvided
+
+    for name, value in arguments.items():
+        if name not in ("self", "kwargs", "__class__") and value is not NotProvided:
+            setattr(config, name, value)
+    return config
+
+
 def share_with_local_env_runner(algo: Any, attributes: tuple[str, ...]) -> tuple[Any, Any] | None:
     """Make the driver's EnvRunner act with the driver-side Learner's own networks.
 

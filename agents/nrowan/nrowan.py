@@ -41,7 +41,7 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, share_with_local_env_runner
+from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, set_provided, share_with_local_env_runner
 from agents.nrowan.nrowan_learner import RETURN_SO_FAR
 from agents.nrowan.nrowan_rl_module import is_image_space
 
@@ -125,10 +125,7 @@ class NROWANConfig(AlgorithmConfig):
         **kwargs: Any,
     ) -> "NROWANConfig":
         super().training(**kwargs)
-        for name, value in locals().items():
-            if name not in ("self", "kwargs", "__class__") and value is not NotProvided:
-                setattr(self, name, value)
-        return self
+        return set_provided(self, locals())
 
     def return_bounds(self) -> tuple[float, float] | None:
         """(R_min, R_max): the configured ones, else the task's known bounds, else None."""

@@ -33,7 +33,7 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, share_with_local_env_runner
+from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, set_provided, share_with_local_env_runner
 from agents.common.replay import episodes_to_transitions
 from agents.rud.rud_rl_module import DEFAULT_MODEL_CONFIG
 
@@ -104,10 +104,7 @@ class RUDConfig(AlgorithmConfig):
         **kwargs: Any,
     ) -> "RUDConfig":
         super().training(**kwargs)
-        for name, value in locals().items():
-            if name not in ("self", "kwargs", "__class__") and value is not NotProvided:
-                setattr(self, name, value)
-        return self
+        return set_provided(self, locals())
 
     def validate(self) -> None:
         super().validate()
