@@ -33,6 +33,7 @@ from pipelines.spec import (
     AshaScheduler,
     Distribution,
     LoadedSpec,
+    Pb2Scheduler,
     PbtScheduler,
     SearchSettings,
     flatten,
@@ -95,6 +96,20 @@ def _scheduler(search: SearchSettings, pipeline: Pipeline):
             max_t=scheduler.max_t,
             grace_period=scheduler.grace_period,
             reduction_factor=scheduler.reduction_factor,
+        )
+    if isinstance(scheduler, Pb2Scheduler):
+        try:
+            from ray.tune.schedulers.pb2 import PB2
+
+            import GPy  # noqa: F401  (PB2's Gaussian process)
+        except ImportError as err:
+            raise RuntimeError("scheduler 'pb2' needs GPy: pip install 'raysmith[pb2]' (or pip install GPy)") from err
+        return PB2(
+            time_attr=scheduler.time_attr or pipeline.time_attr,
+            perturbation_interval=scheduler.perturbation_interval,
+            hyperparam_bounds=nest({path: list(dist.args[:2]) for path, dist in search.space.items()}),
+            quantile_fraction=scheduler.quantile_fraction,
+            synch=scheduler.synch,
         )
     if isinstance(scheduler, PbtScheduler):
         return PopulationBasedTraining(

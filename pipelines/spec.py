@@ -209,7 +209,15 @@ class PbtScheduler(SpecModel):
     synch: bool = False
 
 
-Scheduler = Annotated[Union[FifoScheduler, AshaScheduler, PbtScheduler], Field(discriminator="type")]
+class Pb2Scheduler(PbtScheduler):
+    """PB2 (Parker-Holder et al., 2020): PBT whose explore step picks new values with a
+    Gaussian-process bandit over the bounds of the space's numeric dimensions instead of
+    random perturbations (needs GPy: ``pip install 'raysmith[pb2]'``)."""
+
+    type: Literal["pb2"] = "pb2"  # type: ignore[assignment]
+
+
+Scheduler = Annotated[Union[FifoScheduler, AshaScheduler, PbtScheduler, Pb2Scheduler], Field(discriminator="type")]
 
 
 class SearchSettings(SpecModel):
@@ -253,8 +261,13 @@ class SearchSettings(SpecModel):
             if "grid" in kinds.values():
                 raise ValueError("scheduler 'pbt' cannot perturb grid dimensions; use choice")
             if self.searcher != "random":
-                raise ValueError(f"scheduler 'pbt' samples and perturbs the space itself: use searcher 'random', "
-                                 f"not '{self.searcher}'")
+                raise ValueError(f"scheduler '{self.scheduler.type}' samples and perturbs the space itself: use "
+                                 f"searcher 'random', not '{self.searcher}'")
+            if isinstance(self.scheduler, Pb2Scheduler):
+                bad = [p for p, k in kinds.items() if k not in ("uniform", "loguniform", "quniform", "randint")]
+                if bad:
+                    raise ValueError(f"scheduler 'pb2' models numeric ranges (uniform, loguniform, quniform, randint); "
+                                     f"not {bad}")
         return self
 
 

@@ -174,13 +174,16 @@ def write_spec(directory: Path, name: str, text: str) -> Path:
     return path
 
 
-TINY_PPO = """\
+TINY_RL_HEADER = """\
 kind: rl
 name: {name}
 seed: 0
 ray:
   num_cpus: 2
   dashboard: false
+"""
+
+TINY_PPO = TINY_RL_HEADER + """\
 algorithm: PPO
 env: CartPole-v1
 env_runners:
@@ -205,6 +208,33 @@ checkpoint:
 
 def tiny_ppo(name: str = "tiny", env_steps: int = 1500) -> str:
     return TINY_PPO.format(name=name, env_steps=env_steps)
+
+
+TINY_RUD = TINY_RL_HEADER + """\
+algorithm: RUD
+env: Pendulum-v1
+training:
+  update_interval: 200
+  learning_starts: 200
+  train_batch_size_per_learner: 64
+  actor_lr: 0.001
+  critic_lr: 0.001
+model:
+  actor_hidden: [32, 32]
+  critic_hidden: [32, 32]
+stop:
+  env_steps: {env_steps}
+evaluation:
+  every_env_steps: 400
+  episodes: 2
+checkpoint:
+  every_iterations: 2
+"""
+"""A RUD spec (blocks of 200 steps on Pendulum) that runs in seconds on 2 CPUs."""
+
+
+def tiny_rud(name: str = "tiny-rud", env_steps: int = 2000) -> str:
+    return TINY_RUD.format(name=name, env_steps=env_steps)
 
 
 def descendants(root: int) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import tiny_ppo, write_spec
+from helpers import tiny_ppo, tiny_rud, write_spec
 from mlflow.tracking import MlflowClient
 
 from pipelines.search import run_search
@@ -85,3 +85,55 @@ search:
         # every iteration was reported, exploits included, and the trial reached its budget
         steps = {step for step, _ in series(client, run.info.run_id, "env_steps")}
         assert steps >= set(range(500, 3001, 500))
+
+
+def assert_rates_reached_the_learner(client, run, pairs):
+    def per_report(key):
+        return {(m.step, m.timestamp): m.value for m in client.get_metric_history(run.info.run_id, key)}
+
+    for configured_key, used_key in pairs:
+        configured, used = per_report(configured_key), per_report(used_key)
+        assert used and set(used) <= set(configured)
+        for report, lr in used.items():  # after every exploit: the perturbed rate, not the clone's
+            assert lr == pytest.approx(configured[report], rel=1e-6), (used_key, report, configured[report], lr)
+
+
+def test_pbt_over_rud_puts_the_perturbed_rates_into_both_optimizers(workdir):
+    text = tiny_rud(name="pbt-rud") + """\
+search:
+  num_samples: 2
+  max_concurrent_trials: 2
+  scheduler: {type: pbt, time_attr: env_steps, perturbation_interval: 400, quantile_fraction: 0.5,
+              resample_probability: 0.5, synch: true}
+  space:
+    training.actor_lr: {choice: [0.0001, 0.0003, 0.001, 0.003]}
+    training.critic_lr: {choice: [0.0001, 0.0003, 0.001, 0.003]}
+"""
+    outcome = run_search(load_spec(write_spec(workdir, "pbt-rud.yaml", text)))
+    assert outcome.errors == 0 and outcome.unfinished == 0
+    assert list(Path(outcome.experiment_dir).glob("pbt_policy_*.txt")), "PBT never exploited"
+    client, runs = trial_runs(outcome)
+    assert len(runs) == 2
+    for run in runs:
+        assert_rates_reached_the_learner(client, run, [("config/training.actor_lr", "learner/actor_learning_rate"),
+                                                       ("config/training.critic_lr", "learner/critic_learning_rate")])
+        assert series(client, run.info.run_id, "env_steps")[-1][1] >= 2000
+
+
+def test_pb2_explores_within_the_bounds_and_its_rates_reach_the_learner(workdir):
+    text = tiny_ppo(name="pb2", env_steps=3000) + """\
+search:
+  num_samples: 2
+  max_concurrent_trials: 2
+  scheduler: {type: pb2, perturbation_interval: 2, quantile_fraction: 0.5, synch: true}
+  space:
+    training.lr: {loguniform: [0.0001, 0.003]}
+"""
+    outcome = run_search(load_spec(write_spec(workdir, "pb2.yaml", text)))
+    assert outcome.errors == 0 and outcome.unfinished == 0
+    assert list(Path(outcome.experiment_dir).glob("pbt_policy_*.txt")), "PB2 never exploited"
+    client, runs = trial_runs(outcome)
+    for run in runs:
+        rates = [value for _, value in series(client, run.info.run_id, "config/training.lr")]
+        assert all(0.0001 <= lr <= 0.003 for lr in rates)
+        assert_rates_reached_the_learner(client, run, [("config/training.lr", "learner/default_optimizer_learning_rate")])

@@ -266,6 +266,11 @@ def test_pbt_needs_the_random_searcher(tmp_path, searcher):
     assert "pbt" in message and "use searcher 'random'" in message
 
 
+def test_pb2_needs_numeric_ranges(tmp_path):
+    [message] = problems(tmp_path, with_search(scheduler="pb2", space="    training.lr: {choice: [0.001, 0.01]}"))
+    assert "pb2" in message and "numeric ranges" in message and "training.lr" in message
+
+
 def test_search_metric_must_be_reported(tmp_path):
     text = with_search().replace("metric: evaluation/return_mean", "metric: evaluation/retrun_mean")
     [message] = problems(tmp_path, text)
