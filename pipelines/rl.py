@@ -321,7 +321,9 @@ class RLPipeline(Pipeline):
     summary = "any RLlib (or raysmith) algorithm on a gymnasium environment"
     step_metric = "env_steps"
     key_metrics = ("evaluation/return_mean", "train/return_mean", "env_steps")
-    curve_metrics = ("train/return_mean", "evaluation/return_mean")
+    curve_metrics = ("train/return_mean", "evaluation/return_mean", "population/champion_fitness",
+                     "population/mean_fitness", "population/worst_fitness")
+    """(The population's fitness appears for ERL and RIM only.)"""
 
     def check(self, spec: RLSpec) -> list[Problem]:
         names = algorithm_names()

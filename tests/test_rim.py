@@ -243,3 +243,43 @@ def test_a_population_worker_dying_mid_generation_is_replaced_and_the_generation
         assert victim not in algo.evaluator.worker_pids()
     finally:
         algo.stop()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_rim_through_the_rl_pipeline_logs_population_metrics_and_the_fitness_plot(tmp_path, workdir):
+    from helpers import TINY_RL_HEADER, write_spec
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.runner import run_local
+    from pipelines.spec import load_spec
+
+    text = TINY_RL_HEADER.format(name="tiny-rim") + """\
+algorithm: RIM
+env: Pendulum-v1
+training:
+  population_size: 4
+  elite_fraction: 0.25
+  num_population_workers: 1
+  cpus_per_population_worker: 0.5
+  champion_test_episodes: 1
+  learning_starts: 200
+  train_batch_size_per_learner: 64
+  updates_per_step: 0.1
+model:
+  actor_hidden: [32, 32]
+  critic_hidden: [32, 32]
+stop:
+  env_steps: 3000
+evaluation:
+  enabled: false
+checkpoint:
+  every_iterations: 2
+"""
+    outcome = run_local(load_spec(write_spec(tmp_path, "rim.yaml", text)))
+    client = MlflowClient(outcome.tracking_uri)
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
+    champion = client.get_metric_history(outcome.run_id, "population/champion_fitness")
+    steps = sorted(m.step for m in champion)
+    assert len(steps) == 3 and steps[-1] == 3000  # 1000 env steps a generation, population included
+    artifacts = [entry.path for entry in client.list_artifacts(outcome.run_id)]
+    assert "learning_curve.png" in artifacts
