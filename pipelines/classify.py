@@ -110,6 +110,9 @@ class DataSettings(SpecModel):
                                  f"{' <= 1' if name == 'crop_scale' else ''}, got {(low, high)}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("data.mean and data.std go together: give both or neither")
+        if self.random_erasing > 0 and self.mean is None:
+            raise ValueError("data.random_erasing fills boxes with N(0, 1) noise in normalised units: it needs "
+                             "data.mean and data.std")
         if self.std is not None and any(value <= 0 for value in self.std):
             raise ValueError(f"data.std must be positive, got {self.std}")
         return self

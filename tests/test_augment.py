@@ -19,7 +19,7 @@ from vision.augment import (
     random_resized_crop,
     sample_crop_box,
 )
-from vision.data import PHOTOS, decode_image, load_builtin
+from vision.data import decode_image, load_builtin, photo_crop_boxes
 
 
 def test_crop_boxes_follow_the_scale_and_ratio_rule():
@@ -83,7 +83,7 @@ def test_solarize_add_and_geometric_operations():
     torch.testing.assert_close(moved[..., :11], images[..., 9:], atol=1e-5, rtol=0)
     torch.testing.assert_close(moved[..., 12:], fill.view(1, 3, 1, 1).expand(2, 3, 20, 8), atol=1e-5, rtol=0)
     # a rotation by 30 degrees about the centre leaves a radially symmetric picture as it was
-    # (inside the circle that stays in view); a shear keeps the top row (PIL shears about the corner)
+    # (inside the circle that stays in view) and moves an off-centre blob by 30 degrees
     y, x = torch.meshgrid(torch.arange(20.0), torch.arange(20.0), indexing="ij")
     radius = ((x - 9.5) ** 2 + (y - 9.5) ** 2).sqrt()
     disc = (radius / 14).expand(2, 3, 20, 20)
@@ -91,8 +91,28 @@ def test_solarize_add_and_geometric_operations():
     inside = radius < 9
     assert (rotated - disc)[..., inside].abs().max() < 0.03
     assert (rotated - disc)[..., ~inside].abs().max() > 0.1  # the corners bring in the fill
-    sheared = OPERATIONS["ShearX"](images, torch.full((2,), 5.0), torch.ones(2), fill)
-    torch.testing.assert_close(sheared[..., 0, :], images[..., 0, :], atol=0.1, rtol=0)
+
+    def blob(cx, cy, size=40):
+        yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+        return torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 4).expand(1, 1, size, size)
+
+    def centroid(image):
+        yy, xx = torch.meshgrid(torch.arange(float(image.shape[-2])), torch.arange(float(image.shape[-1])),
+                                indexing="ij")
+        weight = image[0, 0]
+        return float((weight * xx).sum() / weight.sum()), float((weight * yy).sum() / weight.sum())
+
+    black = torch.zeros(1)
+    spot = blob(19.5 + 10, 19.5)  # 10 pixels right of the centre
+    cx, cy = centroid(OPERATIONS["Rotate"](spot, torch.full((1,), 10.0), torch.ones(1), black))
+    assert math.hypot(cx - 19.5, cy - 19.5) == pytest.approx(10, abs=0.3)
+    assert abs(math.degrees(math.atan2(cy - 19.5, cx - 19.5))) == pytest.approx(30, abs=1.5)
+    # ShearX by s = 0.15 (magnitude 5): output x = input x - s * y, y in pixel centres from the top
+    spot = blob(20.0, 30.0)
+    cx, cy = centroid(OPERATIONS["ShearX"](spot, torch.full((1,), 5.0), torch.ones(1), black))
+    assert cy == pytest.approx(30.0, abs=0.05) and cx == pytest.approx(20.0 - 0.15 * 30.5, abs=0.1)
+    cx, cy = centroid(OPERATIONS["ShearY"](blob(30.0, 20.0), torch.full((1,), 5.0), torch.ones(1), black))
+    assert cx == pytest.approx(30.0, abs=0.05) and cy == pytest.approx(20.0 - 0.15 * 30.5, abs=0.1)
 
 
 def test_rand_augment_is_seeded_bounded_and_stronger_with_magnitude():
@@ -127,7 +147,7 @@ def test_random_erasing_fills_one_box_per_image():
         box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
         assert int(changed.sum()) == int(box)  # one filled rectangle
         assert 0.02 * 0.8 <= int(box) / 1024 <= 1 / 3 * 1.2
-    assert torch.equal(random_erasing(images, 0.0), images)
+    assert torch.equal(random_erasing(images, 0.0, generator=torch.Generator().manual_seed(0)), images)
     some = random_erasing(images, 0.25, generator=torch.Generator().manual_seed(1))
     assert 0.1 < (some != 7).flatten(1).any(1).float().mean() < 0.45
 
@@ -136,13 +156,25 @@ def test_photo_crops_come_from_separate_parts_of_six_photographs():
     (train_x, train_y), (test_x, test_y) = load_builtin("photos", test_fraction=0.2, seed=0, image_size=24)
     assert train_x.shape == (6 * 200, 3, 24, 24) and test_x.shape == (6 * 50, 3, 24, 24)
     assert torch.bincount(train_y).tolist() == [200] * 6 and torch.bincount(test_y).tolist() == [50] * 6
-    assert 0 <= train_x.min() and train_x.max() <= 1
     (again_x, _), _ = load_builtin("photos", test_fraction=0.2, seed=0, image_size=24)
-    assert torch.equal(again_x, train_x) and len(PHOTOS) == 6
+    assert torch.equal(again_x, train_x)
+    # test boxes inside the held-out block, training boxes clear of it, both at the same scale
+    train, test, (block_top, block_left, block_h, block_w) = photo_crop_boxes(
+        512, 600, 200, 50, 0.2, torch.Generator().manual_seed(0))
+    assert block_h * block_w == pytest.approx(0.2 * 512 * 600, rel=0.01)
+    for top, left, h, w in test:
+        assert block_top <= top and top + h <= 512 and block_left <= left and left + w <= 600
+    for top, left, h, w in train:
+        assert top + h <= block_top or left + w <= block_left
+    areas = {name: np.mean([h * w for _, _, h, w in boxes]) / (512 * 600) for name, boxes in (("train", train),
+                                                                                          ("test", test))}
+    assert 0.02 <= areas["test"] <= 0.1 and areas["train"] == pytest.approx(areas["test"], rel=0.25)
     # the photographs differ: their crops' mean colours separate the classes well above chance
     means = torch.stack([train_x[train_y == label].mean(dim=(0, 2, 3)) for label in range(6)])
     nearest = torch.cdist(test_x.mean(dim=(2, 3)), means).argmin(1)
     assert (nearest == test_y).float().mean() > 0.4
+    with pytest.raises(ValueError, match="0.02 to 0.5"):
+        load_builtin("photos", test_fraction=0.8)
 
 
 def test_decoder_crops():

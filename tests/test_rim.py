@@ -110,6 +110,17 @@ def test_soft_recruitment_moves_tau_of_the_way():
     torch.testing.assert_close(genome_of(target), genome_of(champion))
 
 
+def test_settings_erl_cannot_honour_are_refused():
+    from agents.rim import ERLConfig, RIMConfig
+
+    for config, message in ((ERLConfig().training(population_size=4, elite_fraction=0.75), "at most half"),
+                            (ERLConfig().training(normalize_observations=True), "normalize_observations"),
+                            (RIMConfig().training(acting="both"), "acting must be one of"),
+                            (RIMConfig().training(recruitment_tau=0.0), "recruitment_tau")):
+        with pytest.raises(ValueError, match=message):
+            config.environment("Pendulum-v1").validate()
+
+
 def rim_module(acting: str = "critic"):
     import gymnasium as gym
 
@@ -189,6 +200,10 @@ def test_rim_recruits_imitates_and_improves_its_champion_on_pendulum():
         assert befores and all(after < before for before, after in zip(befores, afters))  # imitation learns
         assert shares and all(0.0 <= share <= 1.0 for share in shares)
         assert population_metric(result, "recruitment_step") > 0
+        # the EnvRunner acts with the pi_ea just recruited
+        runner_module = algo.env_runner_group.local_env_runner.module
+        learner_module = algo.learner_group._learner.module["default_policy"]
+        torch.testing.assert_close(genome_of(runner_module.ea_actor), genome_of(learner_module.ea_actor))
         # Pendulum returns run from about -1600 (random) to about -150 (upright); measured here:
         # about -1160 in the first generation, above -260 from the 17th on
         assert max(champions[-3:]) > champions[0] + 500, champions
@@ -206,18 +221,28 @@ def test_erl_copies_its_actor_into_the_population_and_restores_from_a_checkpoint
         result = algo.train()
         assert population_metric(result, "rl_synced") == 1.0
         learner_genome = algo.learner_actor_genome()
-        assert any(torch.equal(member, learner_genome) for member in algo.population)
-        path = algo.save_to_path(str(tmp_path / "checkpoint"))
-        population, generation = algo.population.clone(), algo.generation
+        assert torch.equal(algo.population[algo._rl_member], learner_genome)
+        assert algo._rl_member not in algo.last_report.elites  # never over an elite's copy
     finally:
         algo.stop()
-    restored = tiny(ERLConfig(), sync_period=1).build_algo()
+    # a restored run evolves exactly as the original: population, generation, GA random state
+    algo = tiny(ERLConfig(), sync_period=0).build_algo()
+    try:
+        algo.train()
+        algo.train()
+        path = algo.save_to_path(str(tmp_path / "checkpoint"))
+        learner_genome = algo.learner_actor_genome()
+        algo.train()
+        next_population = algo.population.clone()
+    finally:
+        algo.stop()
+    restored = tiny(ERLConfig(), sync_period=0).build_algo()
     try:
         restored.restore_from_path(path)
-        assert restored.generation == generation == 2
-        torch.testing.assert_close(restored.population, population)
+        assert restored.generation == 2
         torch.testing.assert_close(restored.learner_actor_genome(), learner_genome)
         assert population_metric(restored.train(), "generation") == 3
+        torch.testing.assert_close(restored.population, next_population)
     finally:
         restored.stop()
 

@@ -190,12 +190,12 @@ def _geometric(kind: str):
             angle = torch.deg2rad(level * 30.0)
             eye = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1),
                                torch.stack([angle.sin(), angle.cos()], -1)], dim=1)
-        elif kind == "shear_x":  # x_in = x + s * y about the top-left corner (PIL's affine), s up to 0.3
+        elif kind == "shear_x":  # x_in = x + s * y about the image's top-left corner (PIL's affine), s up to 0.3
             eye[:, 0, 1] = level * 0.3
-            offsets[:, 0] = level * 0.3 * (height - 1) / 2
+            offsets[:, 0] = level * 0.3 * height / 2
         elif kind == "shear_y":
             eye[:, 1, 0] = level * 0.3
-            offsets[:, 1] = level * 0.3 * (width - 1) / 2
+            offsets[:, 1] = level * 0.3 * width / 2
         elif kind == "translate_x":  # up to 45% of the width
             offsets[:, 0] = level * 0.45 * width
         else:
@@ -261,10 +261,10 @@ def rand_augment(images: torch.Tensor, settings: RandAugmentSettings, fill: Sequ
         chosen = torch.randint(len(names), (batch,), generator=generator)
         applied = torch.rand(batch, generator=generator) < settings.probability
         magnitude = torch.randn(batch, generator=generator) * settings.magnitude_std + settings.magnitude
-        magnitude = magnitude.clamp_(0.0, MAX_LEVEL)
-        sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
+        magnitude = magnitude.clamp_(0.0, MAX_LEVEL).to(images.device)
+        sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0).to(images.device)
         for index, name in enumerate(names):
-            rows = torch.nonzero(applied & (chosen == index)).flatten()
+            rows = torch.nonzero(applied & (chosen == index)).flatten().to(images.device)
             if rows.numel() == 0:
                 continue
             operation = OPERATIONS[name]

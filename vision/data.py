@@ -24,29 +24,60 @@ PHOTO_CROPS = 250
 """Crops per photograph (train and test together)."""
 
 
-def photo_crops(size: int, test_fraction: float, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor],
-                                                                      tuple[torch.Tensor, torch.Tensor]]:
-    """Random crops (5-30% of the area, aspect 3/4-4/3, resized to ``size``) of :data:`PHOTOS`.
+PHOTO_CROP_AREA = (0.02, 0.1)
+"""Crop area as a share of the whole photograph (train and test alike)."""
 
-    Test crops come from the right ``test_fraction`` of each photograph's width and training
-    crops from the rest, so no test pixel was seen in training.
-    """
-    import skimage.data
 
+Box = tuple[int, int, int, int]
+"""``(top, left, height, width)``."""
+
+
+def photo_crop_boxes(height: int, width: int, train_count: int, test_count: int, test_fraction: float,
+                     generator: torch.Generator) -> tuple[list[Box], list[Box], Box]:
+    """Boxes ``(top, left, h, w)`` of training and test crops of one photograph, and the
+    held-out block: a square-ish block of ``test_fraction`` of the area in the bottom-right
+    corner. Test boxes lie inside it, training boxes do not touch it; both draw their area
+    from :data:`PHOTO_CROP_AREA` of the photograph and aspect 3/4-4/3."""
     from vision.augment import sample_crop_box
 
+    side = math.sqrt(test_fraction)
+    block = (round(height * (1 - side)), round(width * (1 - side)), height - round(height * (1 - side)),
+             width - round(width * (1 - side)))
+    block_top, block_left, block_h, block_w = block
+    scale = PHOTO_CROP_AREA
+    test_scale = tuple(min(1.0, value * height * width / (block_h * block_w)) for value in scale)
+    test = []
+    for _ in range(test_count):
+        top, left, box_h, box_w = sample_crop_box(block_h, block_w, test_scale, generator=generator)
+        test.append((block_top + top, block_left + left, box_h, box_w))
+    train = []
+    while len(train) < train_count:
+        top, left, box_h, box_w = sample_crop_box(height, width, scale, generator=generator)
+        if top + box_h > block_top and left + box_w > block_left:
+            continue  # it would overlap the held-out block
+        train.append((top, left, box_h, box_w))
+    return train, test, block
+
+
+def photo_crops(size: int, test_fraction: float, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                      tuple[torch.Tensor, torch.Tensor]]:
+    """Random crops of :data:`PHOTOS` resized to ``size`` (see :func:`photo_crop_boxes`):
+    no test pixel was seen in training, and test and training crops have the same scale."""
+    import skimage.data
+
+    if not 0.02 <= test_fraction <= 0.5:
+        raise ValueError(f"photos holds out a block of test_fraction of each photograph: 0.02 to 0.5, "
+                         f"got {test_fraction}")
     generator = torch.Generator().manual_seed(seed)
     test_per_class = max(1, round(PHOTO_CROPS * test_fraction))
     splits: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
     for label, name in enumerate(PHOTOS):
         photo = torch.as_tensor(getattr(skimage.data, name)()[..., :3], dtype=torch.float32).permute(2, 0, 1) / 255.0
-        cut = round(photo.shape[-1] * (1 - test_fraction))
-        for split, region, count in (("train", photo[..., :cut], PHOTO_CROPS - test_per_class),
-                                     ("test", photo[..., cut:], test_per_class)):
-            for _ in range(count):
-                top, left, box_h, box_w = sample_crop_box(region.shape[-2], region.shape[-1], (0.05, 0.3),
-                                                          generator=generator)
-                crop = region[None, :, top : top + box_h, left : left + box_w]
+        train_boxes, test_boxes, _ = photo_crop_boxes(photo.shape[-2], photo.shape[-1], PHOTO_CROPS - test_per_class,
+                                                      test_per_class, test_fraction, generator)
+        for split, boxes in (("train", train_boxes), ("test", test_boxes)):
+            for top, left, box_h, box_w in boxes:
+                crop = photo[None, :, top : top + box_h, left : left + box_w]
                 splits[split][0].append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
                                                       antialias=True).clamp_(0, 1)[0])
                 splits[split][1].append(label)
@@ -182,7 +213,7 @@ def decode_image(data: bytes, size: int, channels: int = 3, crop_pct: float = 1.
                 resized = image.resize((size, size), Image.Resampling.BICUBIC,
                                        box=(left, top, left + box_w, top + box_h))
                 return np.asarray(resized, dtype=np.uint8).reshape(size, size, channels)
-            short = size / crop_pct
+            short = math.floor(size / crop_pct)  # timm's rule: 224 / 0.9 -> 248
             scale = short / min(width, height)
             resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
                                    Image.Resampling.BICUBIC)

@@ -10,8 +10,8 @@ One ``train()`` call is one generation:
    ``policy_delay=1``, ``target_noise=0``) plays ``rl_episodes_per_generation`` noisy
    episodes on the EnvRunners, then runs as many updates as the generation took env steps
    (times ``updates_per_step``);
-4. every ``sync_period`` generations its actor is copied over the member that was worst in
-   step 1.
+4. every ``sync_period`` generations its actor is copied over the slot of the member that
+   was worst in step 1 (ERL's rule), or the next worst if that slot now holds an elite.
 
 Defaults are ERL's published settings where they exist (population 10, elite fraction 0.1,
 mutation probability 0.9, no crossover between selected parents, tau 0.001, batch 128,
@@ -23,6 +23,7 @@ Ornstein-Uhlenbeck noise, and actors are raysmith's plain MLPs (no layer norm).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -137,6 +138,15 @@ class ERLConfig(DDPGConfig):
         for name in ("episodes_per_eval", "tournament_size"):
             if int(getattr(self, name)) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.population_size >= 2 and self.num_elites > self.population_size // 2:
+            errors.append(f"elite_fraction {self.elite_fraction} keeps {self.num_elites} of {self.population_size} "
+                          f"members: at most half the population can be elites")
+        if self.normalize_observations:
+            errors.append("normalize_observations is not supported: population members act on raw observations "
+                          "and exchange weights with the agent's actors")
+        if self.num_learners != 0:
+            errors.append(f"ERL and RIM keep their Learner in the driver: num_learners must be 0, "
+                          f"got {self.num_learners}")
         for name in ("sync_period", "rl_episodes_per_generation", "num_population_workers", "champion_test_episodes"):
             if int(getattr(self, name)) < 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -168,8 +178,10 @@ class ERL(RUD):
         from agents.common.networks import DeterministicActor
 
         spec = self._actor_spec
+        # no seed: a random base seed (kept in checkpoints), so unseeded runs are independent
+        self.base_seed = int(config.seed) if config.seed is not None else int.from_bytes(os.urandom(4), "little")
         with torch.random.fork_rng():
-            torch.manual_seed(int(config.seed or 0) + 12345)
+            torch.manual_seed(self.base_seed + 12345)
             self.population = torch.stack([
                 genome_of(DeterministicActor(spec.obs_dim, spec.act_dim, spec.hidden, spec.activation))
                 for _ in range(config.population_size)
@@ -177,11 +189,11 @@ class ERL(RUD):
         self.generation = 0
         self.fitness: list[float] = []
         self.env_steps_total = 0
-        self._ga_generator = torch.Generator().manual_seed(int(config.seed or 0) + 424242)
+        self._ga_generator = torch.Generator().manual_seed(self.base_seed + 424242)
         self._rl_member: int | None = None
         self._rl_outcomes = {"elite": 0, "selected": 0, "discarded": 0}
         self.evaluator = PopulationEvaluator(config.env, dict(config.env_config), self._actor_spec,
-                                             int(config.num_population_workers), seed=int(config.seed or 0),
+                                             int(config.num_population_workers), seed=self.base_seed,
                                              cpus_per_worker=config.cpus_per_population_worker)
 
     def _learner_module(self):
@@ -199,23 +211,25 @@ class ERL(RUD):
         metrics = self.metrics
         with metrics.log_time((TIMERS, "population_eval_timer")):
             results = self.evaluator.evaluate(self.population, int(config.episodes_per_eval),
-                                              seed=int(config.seed or 0) * 7_919 + self.generation * 104_729)
+                                              seed=self.base_seed * 7_919 + self.generation * 104_729)
         fitness = [result["fitness"] for result in results]
         population_steps = sum(result["steps"] for result in results)
-        worst, best = int(np.argmin(fitness)), int(np.argmax(fitness))
-        self._note_rl_member_fate(fitness)
+        best = int(np.argmax(fitness))
         champion_test = None
         if config.champion_test_episodes:
             champion_test = self.evaluator.evaluate(self.population[best : best + 1],
                                                     int(config.champion_test_episodes),
-                                                    seed=10**9 + self.generation * 1_009)[0]["fitness"]
+                                                    seed=10**9 + self.base_seed + self.generation * 1_009)[0]["fitness"]
         self.population, report = evolve(self.population, fitness, self._layout, config.num_elites,
                                          config.mutation_prob, config.crossover_prob, config.mutation_settings(),
                                          self._ga_generator, config.tournament_size)
+        self.last_report = report
+        self._note_rl_member_fate(report)
         champion_genome = self.population[report.elites[0]].clone()
         self.after_evolution(fitness, report, champion_genome)
 
-        lifetime = int(metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
+        # every env step so far, this generation's population rollouts included
+        lifetime = int(metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)) + population_steps
         with metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
             episodes = self._sample_episodes(int(config.rl_episodes_per_generation), lifetime)
         rl_steps = sum(len(episode) for episode in episodes)
@@ -240,8 +254,10 @@ class ERL(RUD):
         self.generation += 1
         synced = False
         if config.sync_period and done and self.generation % config.sync_period == 0:
-            self.population[worst] = self.learner_actor_genome()
-            self._rl_member = worst
+            # ERL copies the agent over its worst member; never over an elite's copy
+            slot = min((s for s in range(len(fitness)) if s not in report.elites), key=lambda s: fitness[s])
+            self.population[slot] = self.learner_actor_genome()
+            self._rl_member = slot
             synced = True
         self.fitness = fitness
 
@@ -280,15 +296,14 @@ class ERL(RUD):
     def after_learning(self, updates_done: int) -> None:
         pass
 
-    def _note_rl_member_fate(self, fitness: list[float]) -> None:
-        """ERL's statistic: did the member that received the RL actor become an elite, get
-        selected as a parent, or get discarded? (By its rank in this generation.)"""
+    def _note_rl_member_fate(self, report) -> None:
+        """ERL's statistic: did the member that received the RL actor become an elite, win a
+        tournament (selected as a parent), or neither (discarded)?"""
         if self._rl_member is None:
             return
-        rank = sorted(range(len(fitness)), key=lambda index: -fitness[index]).index(self._rl_member)
-        if rank < self.config.num_elites:
+        if self._rl_member in report.elite_sources:
             self._rl_outcomes["elite"] += 1
-        elif rank < len(fitness) // 2:
+        elif self._rl_member in report.winners:
             self._rl_outcomes["selected"] += 1
         else:
             self._rl_outcomes["discarded"] += 1
@@ -331,7 +346,8 @@ class ERL(RUD):
         state[POPULATION] = {
             "genomes": self.population.clone(), "generation": self.generation, "fitness": list(self.fitness),
             "env_steps_total": self.env_steps_total, "generator": self._ga_generator.get_state(),
-            "rl_member": self._rl_member, "rl_outcomes": dict(self._rl_outcomes),
+            "rl_member": self._rl_member, "rl_outcomes": dict(self._rl_outcomes), "base_seed": self.base_seed,
+            "worker_restarts": self.evaluator.restarts,
         }
         return state
 
@@ -346,6 +362,8 @@ class ERL(RUD):
             self._ga_generator.set_state(saved["generator"])
             self._rl_member = saved["rl_member"]
             self._rl_outcomes = dict(saved["rl_outcomes"])
+            self.base_seed = int(saved.get("base_seed", self.base_seed))
+            self.evaluator.restarts = int(saved.get("worker_restarts", 0))
 
     def cleanup(self) -> None:
         evaluator = getattr(self, "evaluator", None)

@@ -63,6 +63,9 @@ def genome_of(network: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def load_genome(network: nn.Module, genome: torch.Tensor) -> nn.Module:
+    layout = GenomeLayout.of(network)
+    if genome.numel() != layout.size:
+        raise ValueError(f"a genome of {genome.numel()} weights does not fit this network ({layout.size})")
     for parameter, (part, shape) in zip(network.parameters(), GenomeLayout.of(network).slices()):
         parameter.copy_(genome[part].view(shape).to(parameter))
     return network
@@ -76,7 +79,10 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> float:
     for mine, theirs in zip(target.parameters(), source.parameters()):
         step = (theirs.to(mine) - mine) * tau
         squared += float(step.pow(2).sum())
-        mine.add_(step)
+        if tau == 1.0:
+            mine.copy_(theirs)  # exactly the source, not a + (b - a)
+        else:
+            mine.add_(step)
     return squared**0.5
 
 
@@ -160,7 +166,12 @@ def tournament(ranked: Sequence[int], count: int, size: int, generator: torch.Ge
 class GenerationReport:
     elites: list[int]
     """Where the previous generation's best members were copied to (the champion first)."""
+    elite_sources: list[int]
+    """Those best members' own slots (by the fitness just measured)."""
+    winners: list[int]
+    """Tournament winners: the selected parents."""
     selected: list[int]
+    """Winners whose slots kept their (possibly mutated) genome."""
     rebuilt: list[int]
     mutated: list[int]
 
@@ -170,11 +181,12 @@ def evolve(population: torch.Tensor, fitness: Sequence[float], layout: GenomeLay
            tournament_size: int = 3) -> tuple[torch.Tensor, GenerationReport]:
     """ERL's generational step; returns the next population and who became what."""
     size = population.shape[0]
-    if not 1 <= num_elites < size:
-        raise ValueError(f"need 1 <= elites < population size, got {num_elites} of {size}")
+    if not 1 <= num_elites <= size // 2:
+        raise ValueError(f"need 1 <= elites <= half the population, got {num_elites} of {size}")
     ranked = sorted(range(size), key=lambda index: -fitness[index])
     elite_sources = ranked[:num_elites]
     selected = tournament(ranked, size - num_elites, tournament_size, generator)
+    winners = list(selected)
     unselected = [index for index in range(size) if index not in selected and index not in elite_sources]
     unselected = [unselected[int(i)] for i in torch.randperm(len(unselected), generator=generator)]
     new = population.clone()
@@ -199,7 +211,8 @@ def evolve(population: torch.Tensor, fitness: Sequence[float], layout: GenomeLay
         if index not in elites and float(torch.rand((), generator=generator)) < mutation_prob:
             new[index] = mutate(new[index], layout, mutation, generator)
             mutated.append(index)
-    return new, GenerationReport(elites=elites, selected=selected, rebuilt=sorted(set(rebuilt)), mutated=mutated)
+    return new, GenerationReport(elites=elites, elite_sources=elite_sources, winners=winners, selected=selected,
+                                 rebuilt=sorted(set(rebuilt)), mutated=mutated)
 
 
 # ---------------------------------------------------------------- rollouts on Ray
@@ -218,12 +231,13 @@ class ActorSpec:
 class RolloutWorker:
     """One environment and one actor network; plays members' episodes (a Ray actor)."""
 
-    def __init__(self, env_id: str, env_config: dict[str, Any], spec: ActorSpec, seed: int):
+    def __init__(self, env_id: str, env_config: dict[str, Any], spec: ActorSpec, seed: int, own_process: bool = True):
         import gymnasium as gym
 
         from agents.common.networks import DeterministicActor
 
-        torch.set_num_threads(1)
+        if own_process:  # one thread per worker; never set in the driver, whose Learner needs its threads
+            torch.set_num_threads(1)
         self.env = gym.make(env_id, **(env_config or {}))
         self.low, self.high = self.env.action_space.low, self.env.action_space.high
         self.actor = DeterministicActor(spec.obs_dim, spec.act_dim, spec.hidden, spec.activation).eval()
@@ -281,7 +295,7 @@ class PopulationEvaluator:
         self.restarts = 0
         self._created = 0
         if num_workers == 0:
-            self.local = RolloutWorker(env_id, self.env_config, spec, seed)
+            self.local = RolloutWorker(env_id, self.env_config, spec, seed, own_process=False)
             self.workers = []
         else:
             self.local = None
@@ -300,31 +314,41 @@ class PopulationEvaluator:
         if self.local is not None:
             return [self.local.rollout(population[m], episodes, 0.0, seeds[m]) for m in range(population.shape[0])]
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
+        lost_worker = (RayActorError, WorkerCrashedError, ObjectLostError, OwnerDiedError)
         genomes = [ray.put(population[m].clone()) for m in range(population.shape[0])]
         results: list[dict[str, Any] | None] = [None] * population.shape[0]
         attempts = [0] * population.shape[0]
         pending = list(range(population.shape[0]))[::-1]
         running: dict[Any, tuple[int, int]] = {}  # future -> (member, worker slot)
         free = list(range(len(self.workers)))
-        while pending or running:
-            while pending and free:
-                member, slot = pending.pop(), free.pop(0)
-                future = self.workers[slot].rollout.remote(genomes[member], episodes, 0.0, seeds[member])
-                running[future] = (member, slot)
-            done, _ = ray.wait(list(running), num_returns=1)
-            member, slot = running.pop(done[0])
-            try:
-                results[member] = ray.get(done[0])
-            except RayActorError:
-                attempts[member] += 1
-                if attempts[member] > self.max_retries:
-                    raise
-                self.workers[slot] = self._new_worker()  # a fresh worker takes the dead one's place
-                self.restarts += 1
-                pending.append(member)
-            free.append(slot)
+        try:
+            while pending or running:
+                while pending and free:
+                    member, slot = pending.pop(), free.pop(0)
+                    future = self.workers[slot].rollout.remote(genomes[member], episodes, 0.0, seeds[member])
+                    running[future] = (member, slot)
+                done, _ = ray.wait(list(running), num_returns=1)
+                member, slot = running.pop(done[0])
+                try:
+                    results[member] = ray.get(done[0])
+                except lost_worker:
+                    attempts[member] += 1
+                    if attempts[member] > self.max_retries:
+                        raise
+                    ray.kill(self.workers[slot])
+                    self.workers[slot] = self._new_worker()  # a fresh worker takes the dead one's place
+                    self.restarts += 1
+                    pending.append(member)
+                except RayTaskError as err:  # the environment or the actor raised: not worth retrying
+                    raise RuntimeError(f"evaluating population member {member} failed: {err}") from err
+                free.append(slot)
+        finally:
+            if running:  # a failed generation leaves no queued work behind: those workers are replaced
+                for _, slot in running.values():
+                    ray.kill(self.workers[slot])
+                    self.workers[slot] = self._new_worker()
         return results  # type: ignore[return-value]
 
     def worker_pids(self) -> list[int]:

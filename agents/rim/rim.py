@@ -12,10 +12,11 @@ The RL agent has two actors and one critic:
   noise while training).
 
 *Imitation* replaces ERL's weight copy into the population: every ``imitation_period``
-generations the ``imitation_fraction`` lowest-fitness slots of the population (never an
-elite) take ``imitation_steps`` Adam steps on (1/K) sum_k ||pi_member(s_k) - pi_rl(s_k)||^2
-over K replay states each, so members learn the agent's behaviour without receiving its
-weights (the member's architecture could differ).
+generations, after the genetic step, the members in the slots of the ``imitation_fraction``
+lowest-fitness members (where ERL would copy the agent; never an elite's copy) take
+``imitation_steps`` Adam steps on (1/K) sum_k ||pi_member(s_k) - pi_rl(s_k)||^2 over K
+replay states each, so members learn the agent's behaviour without receiving its weights
+(the member's architecture could differ). Imitation starts once the critic has trained.
 
 Ablations are switches: ``imitation=False``; ``acting="ea"`` (pi_ea only) or ``"pg"``
 (pi_pg only); ``recruitment="hard"``. The paper's own values for tau_0, K and the
@@ -161,14 +162,18 @@ class RIMTorchLearner(RUDTorchLearner):
     def recruit(self, genome: torch.Tensor, tau: float) -> float:
         """theta_ea <- (1 - tau) theta_ea + tau theta_champion; returns the distance moved (L2)."""
         module = self.module[DEFAULT_MODULE_ID]
-        champion = load_genome(DeterministicActor(module.obs_dim, module.act_dim, *self._actor_shape()), genome)
+        champion = load_genome(self._scratch_actor(), genome)
         moved = soft_update(module.ea_actor, champion, tau)
         self._weights_seq_no += 1
         return moved
 
-    def _actor_shape(self) -> tuple[list[int], str]:
+    def _scratch_actor(self) -> DeterministicActor:
+        """An actor of the population's shape to load genomes into (its initialisation does
+        not touch the global random state that exploration noise draws from)."""
+        module = self.module[DEFAULT_MODULE_ID]
         config = {**DEFAULT_MODEL_CONFIG, **(self.config.model_config or {})}
-        return config["actor_hidden"], config["activation"]
+        with torch.random.fork_rng(devices=[]):
+            return DeterministicActor(module.obs_dim, module.act_dim, config["actor_hidden"], config["activation"])
 
     @torch.no_grad()
     def pg_share(self, obs: np.ndarray) -> float:
@@ -185,16 +190,18 @@ class RIMTorchLearner(RUDTorchLearner):
         its actions and pi_rl's on ``batch`` replay states per step. Returns the new genomes
         and each member's loss on its first and on a fresh batch after the last step."""
         module = self.module[DEFAULT_MODULE_ID]
-        hidden, activation = self._actor_shape()
         out, before, after = genomes.clone(), [], []
-        if len(self.replay) == 0:
+        if len(self.replay) == 0 or self.critic_updates == 0:  # nothing learned yet to imitate
             return out, before, after
+        if not hasattr(self, "imitation_generator"):  # its own draws: DDPG's minibatches stay as they were
+            self.imitation_generator = torch.Generator(device=self._device)
+            self.imitation_generator.manual_seed(int(self.config.seed or 0) + 31337)
         for row in range(genomes.shape[0]):
-            student = load_genome(DeterministicActor(module.obs_dim, module.act_dim, hidden, activation),
-                                  genomes[row]).to(self._device)
+            student = load_genome(self._scratch_actor(), genomes[row]).to(self._device)
             optimizer = torch.optim.Adam(student.parameters(), lr=lr)
             for step in range(steps + 1):
-                index = torch.randint(0, len(self.replay), (batch,), generator=self.generator, device=self._device)
+                index = torch.randint(0, len(self.replay), (batch,), generator=self.imitation_generator,
+                                      device=self._device)
                 states = module.obs_norm(self.replay.storage["obs"].index_select(0, index))
                 with torch.no_grad():
                     target = module.choose(states)[0]
@@ -226,6 +233,8 @@ class RIM(ERL):
         tau = config.recruitment_tau if config.recruitment == "soft" else 1.0
         moved = self._learner().recruit(champion_genome, tau)
         self.metrics.log_value((POPULATION, "recruitment_step"), moved, window=1)
+        # the EnvRunners act with the pi_ea just recruited (and the critic that chooses)
+        self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
         if not config.imitation or (self.generation + 1) % config.imitation_period:
             return
         count = int(config.imitation_fraction * len(fitness))

@@ -136,14 +136,15 @@ class StripeAttention(nn.Module):
         heads, head_dim = self.num_heads, channels // self.num_heads
         tokens = window_h * window_w
         grid = qkv.reshape(batch, rows, window_h, cols, window_w, 3, heads, head_dim)
-        # [3, B * rows * cols * heads, tokens, head_dim], one copy
-        q, k, v = grid.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, -1, tokens, head_dim).unbind(0)
+        # [3, B * rows * cols, heads, tokens, head_dim], one copy (4-D: SDPA's fused kernels need it)
+        q, k, v = grid.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, -1, heads, tokens, head_dim).unbind(0)
         if self.attention == "sdpa" or (self.attention == "auto" and q.device.type != "cpu"):
             out = F.scaled_dot_product_attention(q, k, v)
-        else:  # two batched products and a softmax: faster than SDPA's CPU kernels for stripes this short
-            weights = torch.baddbmm(q.new_empty(()).expand(q.shape[0], tokens, tokens), q, k.transpose(1, 2),
+        else:  # two batched products and a softmax: faster than SDPA's CPU kernel for stripes this short
+            q3, k3 = q.flatten(0, 1), k.flatten(0, 1)
+            weights = torch.baddbmm(q3.new_empty(()).expand(q3.shape[0], tokens, tokens), q3, k3.transpose(1, 2),
                                     beta=0.0, alpha=head_dim**-0.5).softmax(dim=-1)
-            out = torch.bmm(weights, v)
+            out = torch.bmm(weights, v.flatten(0, 1))
         out = out.view(batch, rows, cols, heads, window_h, window_w, head_dim)
         # LePE: depthwise 3x3 inside each stripe, on v's stripes [B * windows, C, window_h, window_w] (channels last)
         v_windows = v.view(-1, heads, window_h, window_w, head_dim).permute(0, 2, 3, 1, 4)
