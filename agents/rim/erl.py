@@ -311,20 +311,7 @@ class ERL(RUD):
 
     def _sample_episodes(self, count: int, lifetime: int) -> list:
         """``count`` whole episodes of the RL agent (with exploration) from the EnvRunners."""
-        if count == 0:
-            return []
-        group = self.env_runner_group
-
-        def sample(runner, episodes: int) -> list:
-            runner.num_env_steps_sampled_lifetime = lifetime
-            return runner.sample(num_episodes=episodes)
-
-        if group.num_remote_env_runners() == 0:
-            return sample(group.local_env_runner, count)
-        per_runner = max(1, -(-count // max(1, group.num_healthy_remote_workers())))
-        results = group.foreach_env_runner(lambda runner: sample(runner, per_runner), local_env_runner=False,
-                                           timeout_seconds=self.config.sample_timeout_s)
-        return [episode for sampled in results for episode in sampled]
+        return self._sample_from_runners("num_episodes", count, lifetime) if count else []
 
     @classmethod
     def default_resource_request(cls, config):

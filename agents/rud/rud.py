@@ -210,15 +210,20 @@ class RUD(UpdateCreditMixin, Algorithm):
         at ``learning_starts`` exactly, not at the next iteration boundary (RLlib updates the
         runners' counters once per iteration, TD3 iterations hold 1000 one-step blocks).
         """
+        return self._sample_from_runners("num_timesteps", num_steps, lifetime)
+
+    def _sample_from_runners(self, unit: str, amount: int, lifetime: int) -> list:
+        """``amount`` of ``unit`` (RLlib's ``num_timesteps`` or ``num_episodes``) sampled by
+        the local EnvRunner, or split evenly (rounded up) over the healthy remote ones."""
         group = self.env_runner_group
 
-        def sample(runner, steps: int) -> list:
+        def sample(runner, share: int) -> list:
             runner.num_env_steps_sampled_lifetime = lifetime
-            return runner.sample(num_timesteps=steps)
+            return runner.sample(**{unit: share})
 
         if group.num_remote_env_runners() == 0:
-            return sample(group.local_env_runner, num_steps)
-        per_runner = math.ceil(num_steps / max(1, group.num_healthy_remote_workers()))
+            return sample(group.local_env_runner, amount)
+        per_runner = math.ceil(amount / max(1, group.num_healthy_remote_workers()))
         results = group.foreach_env_runner(
             lambda runner: sample(runner, per_runner),
             local_env_runner=False,
