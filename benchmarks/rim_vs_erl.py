@@ -65,18 +65,24 @@ def run(algorithm: str, env: str, seed: int, env_steps: int) -> dict:
     algo = build(algorithm, env, seed, env_steps)
     started = time.perf_counter()
     try:
-        steps, result = 0, {}
+        steps, result, pg_shares = 0, {}, []
         while steps < env_steps:
             result = algo.train()
             steps = int(result["env_runners"]["num_env_steps_sampled_lifetime"])
+            share = result.get("population", {}).get("rl_acted_with_pg")
+            if share is not None:
+                pg_shares.append(float(share))
         if algorithm.startswith("TD3"):
             score = float(algo.evaluate()["env_runners"]["episode_return_mean"])
         else:
             score = float(result["population"]["champion_test_return"])
     finally:
         algo.stop()
-    return {"algorithm": algorithm, "env": env, "seed": seed, "env_steps": steps, "score": score,
-            "seconds": time.perf_counter() - started}
+    row = {"algorithm": algorithm, "env": env, "seed": seed, "env_steps": steps, "score": score,
+           "seconds": time.perf_counter() - started}
+    if pg_shares:  # RIM: the share of the agent's states where the critic chose pi_pg, per generation
+        row["acted_with_pg"] = [round(share, 3) for share in pg_shares]
+    return row
 
 
 def speedup(repeats: int, env: str, episodes: int) -> None:

@@ -27,9 +27,7 @@ mixing, the loss and the accuracy; the rest of each batch trains as usual.
 from __future__ import annotations
 
 import os
-import queue as queue_module
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +39,13 @@ from pipelines.pipeline import Pipeline
 from pipelines.registry import register
 from pipelines.session import Session
 from pipelines.spec import ExperimentSpec, SpecModel, did_you_mean
+from pipelines.train_driver import (
+    ScalingSettings,
+    best_checkpoint_path,
+    fit_and_report,
+    starting_checkpoint,
+    torch_trainer,
+)
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -133,14 +138,6 @@ class TrainSettings(SpecModel):
     """bf16 autocast when the workers have GPUs (ignored on CPU)."""
     time_limit_s: float | None = Field(None, gt=0.0)
     """Stop after the epoch during which this much training time has passed."""
-
-
-class ScalingSettings(SpecModel):
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    torch_threads: int | None = Field(None, ge=1)
-    """Math threads per worker (default: cpus_per_worker, rounded)."""
 
 
 class TrainCheckpointSettings(SpecModel):
@@ -415,7 +412,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch has no full batch: {train_count} training images for batch_size "
                          f"{spec.train.batch_size} ({world} workers); lower train.batch_size")
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = starting_checkpoint(config)
     ema_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -524,18 +521,6 @@ def _pixels(images):
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _relay_callback(channel):
-    from ray.train.v2.api.callback import UserCallback
-
-    class RankZeroRelay(UserCallback):
-        """Hands rank 0's metrics (and the persisted checkpoint's path) to the driver."""
-
-        def after_report(self, run_context, metrics, checkpoint):
-            channel.put((dict(metrics[0]), checkpoint.path if checkpoint is not None else None))
-
-    return RankZeroRelay()
-
-
 @register
 class ClassifyPipeline(Pipeline):
     kind = "classify"
@@ -589,10 +574,6 @@ class ClassifyPipeline(Pipeline):
         return spec.train.epochs
 
     def run(self, spec: ClassifySpec, session: Session) -> dict[str, Any]:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-        from ray.util.queue import Queue
-
         streamed = spec.data.source in ("folder", "parquet")
         if streamed:
             import ray
@@ -605,78 +586,16 @@ class ClassifyPipeline(Pipeline):
                     f"the workers' {reserved:g} (scaling.num_workers x scaling.cpus_per_worker) of this cluster's "
                     f"{total:g}; lower scaling.cpus_per_worker (fractions work, e.g. 0.5) or scaling.num_workers")
         datasets, data_info = streamed_datasets(spec) if streamed else ({}, {})
-        channel = Queue()
-        run_dir = getattr(session, "run_dir", None)
-        storage = spec.storage_path or str(Path(run_dir or tempfile.mkdtemp(prefix="raysmith-train-")) / "ray_train")
-        worker_resources = {"CPU": spec.scaling.cpus_per_worker}
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"spec": spec.model_dump(mode="json"), **data_info},
-            datasets=datasets or None,
-            scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                                         resources_per_worker=worker_resources),
-            run_config=RunConfig(
-                name=spec.name, storage_path=storage,
-                checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep,
-                                                   checkpoint_score_attribute=spec.checkpoint.score,
-                                                   checkpoint_score_order="max"),
-                failure_config=FailureConfig(max_failures=spec.max_failures),
-                callbacks=[_relay_callback(channel)],
-            ),
-            resume_from_checkpoint=_checkpoint(session.restore_from),
-        )
-        outcome: dict[str, Any] = {}
+        def make_trainer(callback):
+            return torch_trainer(train_loop_per_worker, {"spec": spec.model_dump(mode="json"), **data_info}, spec,
+                                 session, CHECKPOINT_FILE, "classify", callback, datasets)
 
-        def fit() -> None:
-            try:
-                outcome["result"] = trainer.fit()
-            except BaseException as err:  # re-raised in the driver's thread
-                outcome["error"] = err
-
-        worker = threading.Thread(target=fit, name="raysmith-train-fit", daemon=True)
-        worker.start()
-        last: dict[str, Any] = {}
-        best: float | None = None
-        try:
-            while worker.is_alive() or not channel.empty():
-                try:
-                    metrics, _ = channel.get(timeout=0.5)
-                except queue_module.Empty:
-                    continue
-                except Exception:  # the queue actor's own Empty
-                    if not worker.is_alive() and channel.empty():
-                        break
-                    continue
-                last = metrics
-                score = metrics.get(spec.checkpoint.score)
-                if score is not None:
-                    best = score if best is None else max(best, score)
-                session.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                               step=int(metrics["epoch"]))
-            worker.join()
-        finally:
-            channel.shutdown()  # a still-running fit then fails at its next report
-        if "error" in outcome:
-            raise outcome["error"]
-        result = outcome["result"]
+        result, last, best = fit_and_report(make_trainer, session, spec.checkpoint.score)
         summary: dict[str, Any] = {key: last[key] for key in self.key_metrics if key in last}
         summary["train_time_s"] = round(float(last.get("time/train_s", 0.0)), 1)
         if best is not None:
             summary[f"best/{spec.checkpoint.score}"] = best
-        kept = getattr(result, "best_checkpoints", None) or []
-        if kept:  # (checkpoint, metrics) pairs; the best by the score
-            best_checkpoint, _ = max(kept, key=lambda pair: pair[1].get(spec.checkpoint.score, float("-inf")))
-            summary["checkpoint"] = best_checkpoint.path
-        elif result.checkpoint is not None:
-            summary["checkpoint"] = result.checkpoint.path
+        checkpoint = best_checkpoint_path(result, spec.checkpoint.score)
+        if checkpoint is not None:
+            summary["checkpoint"] = checkpoint
         return summary
-
-
-def _checkpoint(path: str | None):
-    if not path:
-        return None
-    from ray.train import Checkpoint
-
-    if not Path(path, CHECKPOINT_FILE).is_file():
-        raise ValueError(f"{path} is not a classify checkpoint (no {CHECKPOINT_FILE})")
-    return Checkpoint.from_directory(os.fspath(path))

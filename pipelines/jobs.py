@@ -26,7 +26,7 @@ from pipelines.tracking.mlflow_run import JOB_HOME_NAME, git_commit, is_relative
 
 UPLOAD_EXCLUDES = [
     ".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info",
-    "mlflow.db", "mlartifacts", "mlruns", "raysmith_runs", "ray_results", "build", "dist",
+    "mlflow.db", "mlartifacts", "mlruns", "raysmith_runs", "ray_results", "raysmith_data", "build", "dist",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 LOG_TAIL_LINES = 40

@@ -34,6 +34,10 @@ class Session(ABC):
         """Whether the iteration that produced ``metrics`` should save a checkpoint."""
         return iteration % every == 0
 
+    @abstractmethod
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Keep a file (plot, table) the run produced, under ``artifact_path``."""
+
 
 class LocalSession(Session):
     """A run in this process: metrics go to its MLflow run, checkpoints under ``run_dir``."""
@@ -66,6 +70,9 @@ class LocalSession(Session):
             shutil.rmtree(path)
         path.mkdir(parents=True)
         return path
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.tracker.log_artifact(path, artifact_path)
 
     def report(self, metrics: Mapping[str, Any], *, step: int, checkpoint: Path | None = None) -> None:
         self.tracker.log_metrics(metrics, step=step)
@@ -122,6 +129,18 @@ class TuneSession(Session):
 
     def new_checkpoint_dir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="raysmith-checkpoint-"))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copied into the trial's directory (``artifacts/<artifact_path>``), beside Tune's results."""
+        from ray import tune
+
+        target = Path(tune.get_context().get_trial_dir()) / "artifacts" / (artifact_path or "")
+        target.mkdir(parents=True, exist_ok=True)
+        source = Path(path)
+        if source.is_dir():
+            shutil.copytree(source, target / source.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target / source.name)
 
     def report(self, metrics: Mapping[str, Any], *, step: int, checkpoint: Path | None = None) -> None:
         from ray import tune

@@ -1,0 +1,164 @@
+"""What the Ray Train pipeline kinds (``classify``, ``forgery-train``) share on the driver.
+
+A :class:`~ray.train.torch.TorchTrainer` runs in a thread; a Train callback hands rank 0's
+metrics to the driver through a Ray queue, and the driver reports them to the session (and
+so to MLflow or Tune) as they arrive, with the epoch as the step.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from pipelines.session import Session
+from pipelines.spec import SpecModel
+
+
+class ScalingSettings(SpecModel):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    torch_threads: int | None = Field(None, ge=1)
+    """Math threads per worker (default: cpus_per_worker, rounded)."""
+
+
+def relay_callback(channel):
+    from ray.train.v2.api.callback import UserCallback
+
+    class RankZeroRelay(UserCallback):
+        """Hands rank 0's metrics (and the persisted checkpoint's path) to the driver."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            channel.put((dict(metrics[0]), checkpoint.path if checkpoint is not None else None))
+
+    return RankZeroRelay()
+
+
+def torch_trainer(loop, loop_config: dict[str, Any], spec, session: Session, checkpoint_file: str, kind: str,
+                  callback, datasets: dict[str, Any] | None = None):
+    """The TorchTrainer of a Train pipeline's spec: its ``scaling``, ``checkpoint`` (keep the best
+    ``keep`` by ``score``), ``max_failures`` and ``storage_path`` (default: under the run's
+    folder). With ``session.restore_from`` set the loop starts from that checkpoint (see
+    :func:`starting_checkpoint`)."""
+    import tempfile
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resume = resume_checkpoint(session.restore_from, checkpoint_file, kind)
+    if resume is not None:  # Train V2 has no resume_from_checkpoint: the loop reads this path
+        loop_config = {**loop_config, RESUME_KEY: resume}
+    run_dir = getattr(session, "run_dir", None)
+    storage = spec.storage_path or str(Path(run_dir or tempfile.mkdtemp(prefix="raysmith-train-")) / "ray_train")
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        datasets=datasets or None,
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=spec.name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep,
+                                               checkpoint_score_attribute=spec.checkpoint.score,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            callbacks=[callback],
+        ),
+    )
+
+
+def fit_and_report(make_trainer, session: Session, score: str) -> tuple[Any, dict[str, Any], float | None]:
+    """Build the trainer with ``make_trainer(callback)``, fit it, and report every epoch's
+    metrics to ``session`` while it runs. Returns (Train result, last metrics, best ``score``)."""
+    from ray.util.queue import Queue
+
+    channel = Queue()
+    trainer = make_trainer(relay_callback(channel))
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised in the driver's thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=fit, name="raysmith-train-fit", daemon=True)
+    worker.start()
+    last: dict[str, Any] = {}
+    best: float | None = None
+    try:
+        while worker.is_alive() or not channel.empty():
+            try:
+                metrics, _ = channel.get(timeout=0.5)
+            except queue_module.Empty:
+                continue
+            except Exception:  # the queue actor's own Empty
+                if not worker.is_alive() and channel.empty():
+                    break
+                continue
+            last = metrics
+            value = metrics.get(score)
+            if value is not None:
+                best = value if best is None else max(best, value)
+            session.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=int(metrics["epoch"]))
+        worker.join()
+    finally:
+        channel.shutdown()  # a still-running fit then fails at its next report
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"], last, best
+
+
+def best_checkpoint_path(result, score: str) -> str | None:
+    """The kept checkpoint with the highest ``score`` (else the latest)."""
+    kept = getattr(result, "best_checkpoints", None) or []
+    if kept:  # (checkpoint, metrics) pairs
+        checkpoint, _ = max(kept, key=lambda pair: pair[1].get(score, float("-inf")))
+        return checkpoint.path
+    return result.checkpoint.path if result.checkpoint is not None else None
+
+
+RESUME_KEY = "raysmith_resume_from"
+
+
+def resume_checkpoint(path: str | None, file: str, kind: str) -> str | None:
+    """The checkpoint folder to resume from (None without a path); refuses one without ``file``."""
+    if not path:
+        return None
+    if not Path(path, file).is_file():
+        raise ValueError(f"{path} is not a {kind} checkpoint (no {file})")
+    return os.fspath(Path(path).resolve())
+
+
+def starting_checkpoint(config: dict[str, Any]):
+    """In a train loop: the checkpoint to start from. Ray Train's own (after a worker group
+    restart) comes first; else the one the run was asked to resume from; else None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get(RESUME_KEY):
+        checkpoint = ray.train.Checkpoint.from_directory(config[RESUME_KEY])
+    return checkpoint
+
+
+def average_buffers(model, world: int) -> None:
+    """Make every rank's floating-point buffers (BatchNorm running statistics) their mean
+    across ranks, so all ranks evaluate, and rank 0 saves, the same model."""
+    import torch
+    import torch.distributed as dist
+
+    buffers = [b for b in model.buffers() if torch.is_floating_point(b)]
+    if world <= 1 or not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for buffer in buffers:
+        buffer.copy_(flat[offset: offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()
