@@ -5,14 +5,17 @@ detector and batch size, from reading the files to P(fake) per frame:
 
 - **loop**: one process reads and decodes a batch of files, then runs the model on it
   (torch with ``--loop-threads`` math threads, default all cores), batch after batch;
-- **ray**: :func:`pipelines.forgery.evaluate_rows` on a local Ray with ``--cpus`` CPUs:
-  Ray Data tasks decode, an actor pool of ``--actors`` actors (one math thread each, the
-  model loaded once per actor) scores, streaming.
+- **ray**: :func:`pipelines.forgery.evaluate_rows` on a local Ray with ``--cpus`` CPUs: an
+  actor pool of ``--actors`` actors (one math thread each, the model loaded once per actor)
+  that read, decode and score their batches (``in_actors``), and the variant with separate
+  Ray Data decoding tasks feeding the actors (``tasks``).
 
-The timed Ray figure excludes Ray's start-up but includes building the actor pool and
-loading the model. Each is run ``--repeats`` times, alternating; medians and the ratio printed.
+The frames are the generated dataset's, listed ``--copies`` times (an evaluation set of
+realistic size: FF++'s test split is ~4,500 frames at 32 per video). The timed Ray figures
+exclude Ray's start-up but include starting the actor pool and loading the model. Each is run
+``--repeats`` times, round robin; medians and ratios printed.
 
-    python benchmarks/forgery_eval_speed.py --detector xception --size 128 --repeats 3
+    python benchmarks/forgery_eval_speed.py --detector xception_tiny --copies 4 --repeats 3
 """
 
 from __future__ import annotations
@@ -47,10 +50,13 @@ def loop(rows, checkpoint: str, size: int, batch_size: int, threads: int) -> flo
     return time.perf_counter() - started
 
 
-def with_ray(rows, checkpoint: str, size: int, batch_size: int, actors: int) -> float:
+def with_ray(rows, checkpoint: str, size: int, batch_size: int, actors: int, decode: str, cpus: int) -> float:
     from pipelines.forgery import InferenceSettings, evaluate_rows
 
-    settings = InferenceSettings(actors=actors, cpus_per_actor=0.75, batch_size=batch_size, decode_cpus=0.25)
+    decode_cpus = 0.25
+    per_actor = (cpus - decode_cpus) / actors if decode == "tasks" else cpus / actors
+    settings = InferenceSettings(actors=actors, cpus_per_actor=per_actor, batch_size=batch_size, decode=decode,
+                                 decode_cpus=decode_cpus)
     started = time.perf_counter()
     frame = evaluate_rows(rows, checkpoint, size, settings)
     assert len(frame) == len(rows) and (frame["error"] == "").all()
@@ -59,9 +65,10 @@ def with_ray(rows, checkpoint: str, size: int, batch_size: int, actors: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--detector", default="xception")
+    parser.add_argument("--detector", default="xception_tiny")
     parser.add_argument("--size", type=int, default=128, help="frames are generated and scored at this size")
-    parser.add_argument("--videos-per-method", type=int, default=20)
+    parser.add_argument("--videos-per-method", type=int, default=60)
+    parser.add_argument("--copies", type=int, default=4, help="score the dataset's frames this many times over")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--actors", type=int, default=2)
@@ -78,25 +85,29 @@ def main() -> None:
     from vision.forensics.manifest import read_parquet_manifest
 
     rows = read_parquet_manifest(ensure_generated(GeneratedData(
-        videos_per_method=args.videos_per_method, size=args.size, directory=args.data_dir)))
+        videos_per_method=args.videos_per_method, size=args.size, directory=args.data_dir))) * args.copies
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = str(Path(directory) / "state.pt")
         torch.manual_seed(0)
         torch.save({"detector": args.detector, "model": build_detector(args.detector).state_dict(),
                     "image_size": args.size}, checkpoint)
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="warning")
-        with_ray(rows[: args.batch_size * 2], checkpoint, args.size, args.batch_size, args.actors)  # warm Ray Data up
-        loops, rays = [], []
+        with_ray(rows[: args.batch_size * 2], checkpoint, args.size, args.batch_size, args.actors, "in_actors",
+                 args.cpus)  # warm Ray Data up
+        times: dict[str, list[float]] = {"loop": [], "in_actors": [], "tasks": []}
         for repeat in range(args.repeats):
-            loops.append(loop(rows, checkpoint, args.size, args.batch_size, args.loop_threads))
-            rays.append(with_ray(rows, checkpoint, args.size, args.batch_size, args.actors))
-            print(f"repeat {repeat + 1}: loop {loops[-1]:.2f} s, ray {rays[-1]:.2f} s", flush=True)
+            times["loop"].append(loop(rows, checkpoint, args.size, args.batch_size, args.loop_threads))
+            for decode in ("in_actors", "tasks"):
+                times[decode].append(with_ray(rows, checkpoint, args.size, args.batch_size, args.actors, decode, args.cpus))
+            print(f"repeat {repeat + 1}: " + ", ".join(f"{name} {values[-1]:.2f} s" for name, values in times.items()),
+                  flush=True)
         ray.shutdown()
-    loop_s, ray_s = statistics.median(loops), statistics.median(rays)
+    medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"\n{len(rows)} frames of {args.size} px, {args.detector}, batch {args.batch_size}:")
-    print(f"  single-process loop ({args.loop_threads} math threads): {len(rows) / loop_s:8.1f} frames/s")
-    print(f"  Ray Data ({args.cpus} CPUs, {args.actors} actors):          {len(rows) / ray_s:8.1f} frames/s")
-    print(f"  ratio: {loop_s / ray_s:.2f}x")
+    print(f"  single-process loop ({args.loop_threads} math threads):        {len(rows) / medians['loop']:8.1f} frames/s")
+    for decode in ("in_actors", "tasks"):
+        print(f"  Ray Data, {args.cpus} CPUs, {args.actors} actors, decode {decode:9s}: "
+              f"{len(rows) / medians[decode]:8.1f} frames/s  ({medians['loop'] / medians[decode]:.2f}x the loop)")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,17 @@ def test_train_on_two_workers_then_score_a_manifest_with_broken_files(tmp_path, 
     assert len(predictions) == len(rows) and predictions["score"].between(0, 1).all()
     assert (tmp_path / "artifacts" / "evaluation" / "roc.png").stat().st_size > 1000
 
+    # decoding in separate Ray Data tasks gives the same scores as decoding in the actors
+    from pipelines.forgery import InferenceSettings, evaluate_rows
+
+    staged = evaluate_rows(rows[:20] + extra, checkpoint, SIZE, InferenceSettings(
+        actors=1, cpus_per_actor=0.5, batch_size=8, decode="tasks", decode_cpus=0.25))
+    assert len(staged) == 22 and (staged["error"] != "").sum() == 2
+    by_path = dict(zip(predictions["path"], predictions["score"]))
+    for path, score in zip(staged["path"], staged["score"]):
+        if path in by_path:
+            assert score == pytest.approx(by_path[path], abs=1e-6)
+
     # the checkpoint restores the same outputs in this process as on the actors
     model, _ = load_detector(checkpoint)
     first = predictions.head(8)

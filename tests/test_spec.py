@@ -93,7 +93,7 @@ def test_set_override_needs_path_and_value(tmp_path):
 def test_unknown_kind_lists_kinds(tmp_path):
     [message] = problems(tmp_path, tiny_ppo().replace("kind: rl", "kind: rll"))
     assert "unknown pipeline kind 'rll'" in message
-    assert "did you mean 'rl'" in message and "allowed kinds: classify, rl" in message
+    assert "did you mean 'rl'" in message and "allowed kinds: classify, forgery-eval, forgery-train, rl" in message
 
 
 def test_missing_kind(tmp_path):
