@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pipelines.pipeline import Pipeline
 
-BUILTIN_MODULES: tuple[str, ...] = ("pipelines.rl", "pipelines.classify", "pipelines.forgery")
+BUILTIN_MODULES: tuple[str, ...] = ("pipelines.rl", "pipelines.classify", "pipelines.forgery", "pipelines.watermark")
 ENTRY_POINT_GROUP = "raysmith.pipelines"
 
 _KINDS: dict[str, type["Pipeline"]] = {}

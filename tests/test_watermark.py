@@ -173,3 +173,35 @@ def test_a_tiny_mbrs_learns_to_carry_its_message():
         watermarked = model.embed(test, bits)
         assert bit_error_rate(model.extract(watermarked), bits) < 0.01  # chance is 0.5
         assert float(psnr(watermarked, test).mean()) > 15.0
+
+
+# ----------------------------------------------------------------------------- methods
+
+def test_mbrs_method_restores_from_its_checkpoint(tmp_path, photo):
+    from vision.watermark.methods import MBRSMethod, build_method, save_mbrs
+
+    torch.manual_seed(0)
+    model = mbrs_tiny().eval()
+    path = save_mbrs(model, tmp_path / "mbrs.pt")
+    method = build_method("mbrs", checkpoint=str(path))
+    direct = MBRSMethod(model)
+    bits = np.random.default_rng(0).integers(0, 2, 16)
+    image = photo[:32, :32].copy()
+    assert np.array_equal(method.embed(image, bits), direct.embed(image, bits))
+    assert np.array_equal(method.extract(photo), direct.extract(photo))  # any size: resized to 32 first
+    assert method.extract(photo).shape == (16,)
+    with pytest.raises(ValueError, match="available: mbrs, hidden, dwtDct"):
+        build_method("stegastamp")
+
+
+@pytest.mark.parametrize("kind", ["dwtDct", "dwtDctSvd", "rivaGan"])
+def test_invisible_watermark_adapter_round_trips_a_message(photo, kind):
+    from vision.watermark.methods import build_method
+
+    image = np.asarray(Image.fromarray(photo).resize((256, 256), Image.LANCZOS))
+    method = build_method(kind, message_length=32)
+    bits = np.random.default_rng(1).integers(0, 2, 32)
+    watermarked = method.embed(image, bits)
+    assert watermarked.shape == image.shape and watermarked.dtype == np.uint8
+    assert float(psnr(to_tensor(watermarked), to_tensor(image))) > 30.0
+    assert np.mean(method.extract(watermarked) == bits) >= 0.9

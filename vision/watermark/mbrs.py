@@ -156,6 +156,9 @@ class MBRS(nn.Module):
                  diffusion: bool = False, se_blocks: bool = True, discriminator_blocks: int = 2):
         super().__init__()
         self.size, self.message_length = size, message_length
+        self.config = {"size": size, "message_length": message_length, "channels": channels, "blocks": blocks,
+                       "diffusion": diffusion, "se_blocks": se_blocks, "discriminator_blocks": discriminator_blocks}
+        """The constructor's arguments: what a checkpoint needs to rebuild the model."""
         self.encoder = Encoder(size, message_length, channels, blocks, diffusion, se_blocks)
         self.decoder = Decoder(size, message_length, channels, blocks, diffusion, se_blocks)
         self.discriminator = Discriminator(channels, discriminator_blocks)

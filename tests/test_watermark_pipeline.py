@@ -1,0 +1,78 @@
+"""The watermark-eval kind: a Ray Data grid over methods x attacks x strengths, with a broken file."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from helpers import write_spec
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipelines.errors import SpecError
+from pipelines.runner import run_local
+from pipelines.spec import load_spec
+from vision.watermark.mbrs import mbrs_tiny
+from vision.watermark.methods import save_mbrs
+
+
+def grid_spec(tmp_path, checkpoint, folder, **overrides):
+    spec = {
+        "kind": "watermark-eval", "name": "grid-test", "size": 32,
+        "methods": [{"name": "mbrs", "checkpoint": str(checkpoint)}, {"name": "dwtDct", "message_length": 32}],
+        "attacks": [{"name": "identity"}, {"name": "jpeg420", "strengths": [30, 90]},
+                    {"name": "jpeg", "strengths": [50], "chain": [["crop_resize", 0.75]]}],
+        "data": {"source": "folder", "path": str(folder)},
+        "inference": {"actors": 2, "cpus_per_actor": 0.5, "batch_size": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "output_dir": str(tmp_path / "runs"),
+        **overrides,
+    }
+    return write_spec(tmp_path, "grid.yaml", yaml.safe_dump(spec))
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = save_mbrs(mbrs_tiny(), tmp_path / "mbrs.pt")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        Image.fromarray(rng.integers(0, 256, (300, 280, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    (folder / "broken.png").write_text("not an image")
+    return checkpoint, folder
+
+
+def test_bad_grid_specs_are_refused_before_ray(tmp_path, inputs):
+    checkpoint, folder = inputs
+    with pytest.raises(SpecError, match="unknown attack 'jepg'.*did you mean 'jpeg'"):
+        load_spec(grid_spec(tmp_path, checkpoint, folder, attacks=[{"name": "jepg", "strengths": [50]}]))
+    with pytest.raises(SpecError, match="needs a checkpoint"):
+        load_spec(grid_spec(tmp_path, checkpoint, folder, methods=[{"name": "mbrs"}]))
+    with pytest.raises(SpecError, match="RivaGAN carries exactly 32 bits"):
+        load_spec(grid_spec(tmp_path, checkpoint, folder, methods=[{"name": "rivaGan", "message_length": 64}]))
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_the_grid_runs_on_an_actor_pool_and_accounts_for_every_image(tmp_path, inputs, workdir):
+    checkpoint, folder = inputs
+    outcome = run_local(load_spec(grid_spec(tmp_path, checkpoint, folder)))
+    client = MlflowClient(outcome.tracking_uri)
+    metrics = client.get_run(outcome.run_id).data.metrics
+    assert metrics["grid/errors"] == 1 and metrics["grid/images"] == 3
+    assert metrics["grid/rows"] == 3 * 2 * 4  # images x methods x (identity + 2 JPEG + 1 chain)
+    assert metrics["ber/dwtDct/identity_0"] <= 0.05  # the peer reads its clean mark back
+    assert math.isfinite(metrics["psnr/mbrs"]) and math.isfinite(metrics["ssim/dwtDct"])
+    assert "ber/mbrs/crop_resize_then_jpeg_50" in metrics
+    folder_out = client.download_artifacts(outcome.run_id, "results", str(tmp_path / "artifacts"))
+    grid = pd.read_parquet(f"{folder_out}/grid.parquet")
+    assert set(grid["size"]) == {32.0, 256.0}  # MBRS at its size, invisible-watermark at its minimum
+    errors = pd.read_parquet(f"{folder_out}/errors.parquet")
+    assert list(errors["path"]) == [str(folder / "broken.png")]
+    summary = pd.read_csv(f"{folder_out}/summary.csv")
+    assert len(summary) == 2 * 4 and (summary["images"] == 3).all()
+    assert client.list_artifacts(outcome.run_id, "plots")  # BER against JPEG quality
