@@ -38,9 +38,9 @@ from pipelines.errors import Problem
 from pipelines.pipeline import Pipeline
 from pipelines.registry import register
 from pipelines.session import Session
-from pipelines.spec import ExperimentSpec, SpecModel, did_you_mean
+from pipelines.spec import SpecModel, did_you_mean
 from pipelines.train_driver import (
-    ScalingSettings,
+    RayTrainSpec,
     best_checkpoint_path,
     fit_and_report,
     starting_checkpoint,
@@ -146,18 +146,12 @@ class TrainCheckpointSettings(SpecModel):
     """The reported metric that ranks checkpoints (higher is better) for ``keep``."""
 
 
-class ClassifySpec(ExperimentSpec):
+class ClassifySpec(RayTrainSpec):
     kind: Literal["classify"]
     model: ModelSettings = Field(default_factory=ModelSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     train: TrainSettings
-    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     checkpoint: TrainCheckpointSettings = Field(default_factory=TrainCheckpointSettings)
-    max_failures: int = Field(0, ge=0)
-    """Worker-group restarts (from the latest checkpoint) before the run fails."""
-    storage_path: str | None = None
-    """Where Ray Train persists checkpoints (a shared path or ``s3://...`` on multi-node
-    clusters); default: the run's directory."""
 
     @model_validator(mode="after")
     def _data_paths(self) -> "ClassifySpec":
@@ -174,13 +168,6 @@ class ClassifySpec(ExperimentSpec):
             values = getattr(self.data, name)
             if values is not None and len(values) != self.model.in_chans:
                 raise ValueError(f"data.{name} has {len(values)} values but model.in_chans is {self.model.in_chans}")
-        return self
-
-    @model_validator(mode="after")
-    def _batch_splits(self) -> "ClassifySpec":
-        if self.train.batch_size % self.scaling.num_workers:
-            raise ValueError(f"train.batch_size {self.train.batch_size} must be divisible by "
-                             f"scaling.num_workers {self.scaling.num_workers}")
         return self
 
 

@@ -42,12 +42,15 @@ from pipelines.registry import register
 from pipelines.session import Session
 from pipelines.spec import ExperimentSpec, SpecModel, did_you_mean
 from pipelines.train_driver import (
-    ScalingSettings,
+    RayTrainSpec,
     average_buffers,
+    average_gradients,
     best_checkpoint_path,
+    broadcast_from_rank_zero,
     fit_and_report,
     starting_checkpoint,
     torch_trainer,
+    worker_context,
 )
 
 CHECKPOINT_FILE = "state.pt"
@@ -131,7 +134,7 @@ class TrainCheckpoints(SpecModel):
     score: Literal["val/auc", "val/video_auc", "val/ap", "val/accuracy"] = "val/auc"
 
 
-class ForgeryTrainSpec(ExperimentSpec):
+class ForgeryTrainSpec(RayTrainSpec):
     kind: Literal["forgery-train"] = "forgery-train"
     model: DetectorSettings = Field(default_factory=DetectorSettings)
     mat: MATSettings = Field(default_factory=MATSettings)
@@ -142,17 +145,7 @@ class ForgeryTrainSpec(ExperimentSpec):
     """Fake methods trained on (real frames always); default: all."""
     val_methods: list[str] | None = None
     train: ForgeryTrainSettings
-    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     checkpoint: TrainCheckpoints = Field(default_factory=TrainCheckpoints)
-    max_failures: int = Field(1, ge=0)
-    storage_path: str | None = None
-
-    @model_validator(mode="after")
-    def _batches(self) -> "ForgeryTrainSpec":
-        if self.train.batch_size % self.scaling.num_workers:
-            raise ValueError(f"train.batch_size {self.train.batch_size} must divide evenly across "
-                             f"{self.scaling.num_workers} workers")
-        return self
 
 
 class InferenceSettings(SpecModel):
@@ -333,10 +326,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from vision.training import learning_rate, parameter_groups
 
     spec = ForgeryTrainSpec.model_validate(config["spec"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(spec.scaling.torch_threads or max(1, round(spec.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_context(spec.scaling)
     train_rows = select_rows(spec.data, spec.train_split, spec.train_methods)
     val_rows = select_rows(spec.data, spec.val_split, spec.val_methods)
     size = spec.data.image_size
@@ -370,9 +360,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, step, elapsed = int(state["epoch"]), int(state["step"]), float(state["elapsed"])
         best = state.get("best")
     parameters = [p for p in model.parameters() if p.requires_grad]
-    if world > 1:
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(tensor.data, src=0)
+    broadcast_from_rank_zero(model, world)
 
     train_data = _frames_dataset(train_rows, size)
     labels = [row["label"] for row in train_rows]
@@ -405,7 +393,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:
-                _average_gradients(parameters, world)
+                average_gradients(parameters, world)
             optimizer.step()
             step += 1
             counted = int(weight.sum())
@@ -471,25 +459,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
         if done:
             break
-
-
-def _average_gradients(parameters, world: int) -> None:
-    """One all-reduce of every gradient, flattened, then divided by the world size."""
-    import torch
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for parameter, grad in zip(parameters, grads):
-        count = grad.numel()
-        if parameter.grad is None:
-            parameter.grad = flat[offset: offset + count].view_as(parameter).clone()
-        else:
-            parameter.grad.copy_(flat[offset: offset + count].view_as(parameter))
-        offset += count
 
 
 TRAIN_REPORTED = ("val/auc", "val/video_auc", "val/eer", "val/ap", "val/accuracy", "val/best_auc", "train/ce", "epoch")

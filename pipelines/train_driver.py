@@ -13,10 +13,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipelines.session import Session
-from pipelines.spec import SpecModel
+from pipelines.spec import ExperimentSpec, SpecModel
 
 
 class ScalingSettings(SpecModel):
@@ -25,6 +25,26 @@ class ScalingSettings(SpecModel):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     torch_threads: int | None = Field(None, ge=1)
     """Math threads per worker (default: cpus_per_worker, rounded)."""
+
+
+class RayTrainSpec(ExperimentSpec):
+    """What every Ray Train kind's spec has: ``scaling``, ``max_failures``, ``storage_path``,
+    and a ``train.batch_size`` (the global batch) split evenly across the workers."""
+
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    max_failures: int = Field(0, ge=0)
+    """Worker-group restarts (from the latest checkpoint) before the run fails."""
+    storage_path: str | None = None
+    """Where Ray Train persists checkpoints (a shared path or ``s3://...`` on multi-node
+    clusters); default: the run's directory."""
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> "RayTrainSpec":
+        batch = getattr(getattr(self, "train", None), "batch_size", None)
+        if batch is not None and batch % self.scaling.num_workers:
+            raise ValueError(f"train.batch_size {batch} must be divisible by scaling.num_workers "
+                             f"{self.scaling.num_workers}")
+        return self
 
 
 def relay_callback(channel):
@@ -162,3 +182,43 @@ def average_buffers(model, world: int) -> None:
     for buffer in buffers:
         buffer.copy_(flat[offset: offset + buffer.numel()].view_as(buffer))
         offset += buffer.numel()
+
+
+def average_gradients(parameters, world: int) -> None:
+    """One all-reduce of every gradient, flattened, then divided by the world size."""
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for parameter, grad in zip(parameters, grads):
+        count = grad.numel()
+        if parameter.grad is None:
+            parameter.grad = flat[offset: offset + count].view_as(parameter).clone()
+        else:
+            parameter.grad.copy_(flat[offset: offset + count].view_as(parameter))
+        offset += count
+
+
+def worker_context(scaling: ScalingSettings):
+    """In a train loop: (rank, world size, device), with this worker's math threads set."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    context = ray.train.get_context()
+    torch.set_num_threads(scaling.torch_threads or max(1, round(scaling.cpus_per_worker)))
+    return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+
+
+def broadcast_from_rank_zero(model, world: int) -> None:
+    """Every rank starts from rank 0's parameters and buffers (no DDP wrapper does it here)."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(tensor.data, src=0)

@@ -55,7 +55,7 @@ def test_bad_specs_are_refused_before_ray(tmp_path, data_dir):
         load_spec(train_spec(tmp_path, data_dir, train_methods=["nearest"]))
     with pytest.raises(SpecError, match="needs data.path"):
         load_spec(train_spec(tmp_path, data_dir, data={"source": "parquet"}))
-    with pytest.raises(SpecError, match="must divide evenly across 2 workers"):
+    with pytest.raises(SpecError, match="must be divisible by scaling.num_workers 2"):
         load_spec(train_spec(tmp_path, data_dir, train={"epochs": 1, "batch_size": 15}))
     evaluation = write_spec(tmp_path, "eval.yaml", yaml.safe_dump({
         "kind": "forgery-eval", "name": "e", "checkpoint": str(tmp_path / "nowhere")}))

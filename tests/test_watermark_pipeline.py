@@ -76,3 +76,26 @@ def test_the_grid_runs_on_an_actor_pool_and_accounts_for_every_image(tmp_path, i
     summary = pd.read_csv(f"{folder_out}/summary.csv")
     assert len(summary) == 2 * 4 and (summary["images"] == 3).all()
     assert client.list_artifacts(outcome.run_id, "plots")  # BER against JPEG quality
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_mbrs_trains_on_two_workers_and_its_checkpoint_is_an_evaluation_method(tmp_path, workdir):
+    from vision.watermark.methods import build_method
+
+    spec = write_spec(tmp_path, "train.yaml", yaml.safe_dump({
+        "kind": "watermark-train", "name": "mbrs-test", "seed": 0, "model": {"preset": "mbrs_tiny"},
+        "noise": ["identity"], "data": {"source": "photos", "val_images": 32},
+        "train": {"epochs": 2, "steps_per_epoch": 40, "batch_size": 32},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "output_dir": str(tmp_path / "runs")}))
+    outcome = run_local(load_spec(spec))
+    client = MlflowClient(outcome.tracking_uri)
+    ber = [m.value for m in sorted(client.get_metric_history(outcome.run_id, "val/ber"), key=lambda m: m.step)]
+    assert len(ber) == 2 and ber[-1] < 0.1  # chance is 0.5
+    assert "val/ber_jpeg50" in client.get_run(outcome.run_id).data.metrics
+    method = build_method("mbrs", checkpoint=outcome.summary["method_checkpoint"])
+    from vision.forensics.synthetic import photographs, real_video
+
+    image = (real_video(np.random.default_rng(5), photographs(), 32, 1)[0].transpose(1, 2, 0) * 255).astype(np.uint8)
+    bits = np.random.default_rng(6).integers(0, 2, 16)
+    assert np.mean(method.extract(method.embed(image, bits)) == bits) >= 0.8
