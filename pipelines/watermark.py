@@ -425,7 +425,9 @@ class WatermarkTrainSettings(SpecModel):
 
 class WatermarkCheckpoints(SpecModel):
     keep: int = Field(2, ge=1)
-    score: Literal["val/bit_accuracy_jpeg", "val/bit_accuracy", "val/psnr"] = "val/bit_accuracy_jpeg"
+    score: Literal["val/rank", "val/bit_accuracy_jpeg", "val/bit_accuracy", "val/psnr"] = "val/rank"
+    """``val/rank`` orders by bit accuracy under JPEG, then by PSNR (``100 x accuracy + PSNR /
+    100``): once every bit survives, the checkpoint that hides them best wins."""
 
 
 class WatermarkTrainSpec(RayTrainSpec):
@@ -539,7 +541,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "train/message_mse": sums[2] / steps, "train/discriminator_loss": sums[3] / steps,
                    "val/psnr": quality, "val/ber": clean, "val/bit_accuracy": 1 - clean,
                    f"val/ber_jpeg{spec.train.val_jpeg_quality}": compressed, "val/bit_accuracy_jpeg": 1 - compressed,
-                   "time/train_s": elapsed}
+                   "val/rank": 100 * (1 - compressed) + quality / 100, "time/train_s": elapsed}
         done = spec.train.time_limit_s is not None and elapsed >= spec.train.time_limit_s
         if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
