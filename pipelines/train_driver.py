@@ -1,4 +1,5 @@
-"""What the Ray Train pipeline kinds (``classify``, ``forgery-train``) share on the driver.
+"""What the Ray Train pipeline kinds (``classify``, ``forgery-train``, ``watermark-train``) share,
+on the driver and in the workers.
 
 A :class:`~ray.train.torch.TorchTrainer` runs in a thread; a Train callback hands rank 0's
 metrics to the driver through a Ray queue, and the driver reports them to the session (and

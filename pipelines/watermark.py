@@ -8,8 +8,9 @@ message, and one noise layer for the whole step (``noise``: a list is MBRS's per
 choice, e.g. real JPEG, JpegMask, identity), and updates the encoder-decoder (image MSE +
 10 x message MSE + 1e-4 x adversarial) and the discriminator; gradients are averaged across
 workers by one all-reduce each, BatchNorm statistics before validation. After each epoch
-the held-out crops are scored: PSNR, BER with no noise and BER under real JPEG at
-``val_jpeg_quality``. Checkpoints (``state.pt`` to resume, ``mbrs.pt`` for
+a fixed set of validation crops (of the training photographs, other crops than any step
+draws, from their own seed) is scored: PSNR, BER with no noise and BER under real JPEG at
+``val_jpeg_quality``. The evaluation's ``photos`` are other photographs. Checkpoints (``state.pt`` to resume, ``mbrs.pt`` for
 ``watermark-eval``) are kept by ``val/bit_accuracy_jpeg``.
 
 ``watermark-eval``:
@@ -65,7 +66,7 @@ from pipelines.train_driver import (
 METHOD_NAMES = ("mbrs", "hidden", "dwtDct", "dwtDctSvd", "rivaGan")
 HELD_OUT_PHOTOS = ("immunohistochemistry", "retina", "china.jpg", "flower.jpg", "colorwheel")
 """Bundled photographs the ``photos`` source crops for evaluation (none is used in training)."""
-TRAINING_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "cat")
+TRAINING_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 
 
 class MethodSettings(SpecModel):
@@ -89,11 +90,15 @@ class MethodSettings(SpecModel):
 class AttackSettings(SpecModel):
     name: str
     """An attack of ``vision.watermark.attacks`` (``jpeg420``/``jpeg444`` for JPEG with that
-    subsampling), or a label for ``chain``."""
+    subsampling), applied at each of ``strengths``."""
     strengths: list[float] = Field(default_factory=lambda: [0.0])
     chain: list[tuple[str, float]] | None = None
     """Attacks applied first, in order, before ``name`` at each strength (e.g. crop_resize 0.75
-    then JPEG)."""
+    then JPEG); the results name the cell ``crop_resize0.75+jpeg``."""
+
+    def label(self) -> str:
+        prefix = "".join(f"{name}{strength:g}+" for name, strength in self.chain or [])
+        return prefix + self.name
 
 
 class WatermarkData(SpecModel):
@@ -123,11 +128,24 @@ class GridInference(SpecModel):
 class WatermarkEvalSpec(ExperimentSpec):
     kind: Literal["watermark-eval"] = "watermark-eval"
     size: int = Field(128, ge=32)
-    """Images are brought to this square for methods that take any size."""
+    """Images are brought to this square for a method without a size of its own (every
+    method here has one: MBRS its model's, invisible-watermark 256)."""
     methods: list[MethodSettings]
     attacks: list[AttackSettings]
     data: WatermarkData = Field(default_factory=WatermarkData)
     inference: GridInference = Field(default_factory=GridInference)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "WatermarkEvalSpec":
+        labels = [m.label or m.name for m in self.methods]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"methods {twice} appear twice; give each a distinct label")
+        cells = [a.label() for a in self.attacks]
+        twice = sorted({cell for cell in cells if cells.count(cell) > 1})
+        if twice:
+            raise ValueError(f"attacks {twice} appear twice; put all strengths of one attack in one entry")
+        return self
 
 
 def photo_crops(data: WatermarkData) -> list[str]:
@@ -242,8 +260,7 @@ class GridWorker:
                         options = {"cover": cover} if settings.name in ("dropout", "cropout") else {}
                         attacked = attack(base, settings.name, strength, seed=int(index), **options)
                         accuracy = float((method.extract(attacked) == bits).mean())
-                        emit(path=path, image=int(index), method=label, size=float(size), attack=settings.name
-                             if not settings.chain else f"{'+'.join(n for n, _ in settings.chain)}+{settings.name}",
+                        emit(path=path, image=int(index), method=label, size=float(size), attack=settings.label(),
                              strength=float(strength), psnr=quality, ssim=similarity, bit_accuracy=accuracy,
                              ber=1.0 - accuracy)
         return {key: np.asarray(values, dtype=object if key in ("path", "method", "attack", "error") else None)
@@ -309,12 +326,24 @@ class WatermarkEvalPipeline(Pipeline):
     def check(self, spec: WatermarkEvalSpec) -> list[Problem]:
         from vision.watermark.attacks import ATTACKS
 
+        import numpy as np
+
+        from vision.watermark.attacks import attack, chain
+
         known = [*ATTACKS, "jpeg420", "jpeg444"]
+        probe = np.full((64, 64, 3), 128, dtype=np.uint8)
         for index, settings in enumerate(spec.attacks):
             for name in [settings.name] + [n for n, _ in settings.chain or []]:
                 if name not in known:
                     return [Problem(f"attacks.{index}.name", f"unknown attack '{name}'{did_you_mean(name, known)}; "
                                                              f"available: {', '.join(known)}")]
+            for strength in settings.strengths:  # every cell once on a grey image: bad strengths fail here
+                try:
+                    base = chain(probe, settings.chain) if settings.chain else probe
+                    options = {"cover": probe} if settings.name in ("dropout", "cropout") else {}
+                    attack(base, settings.name, strength, **options)
+                except (ValueError, IndexError) as err:
+                    return [Problem(f"attacks.{index}", f"{settings.label()} at strength {strength:g}: {err}")]
         for index, method in enumerate(spec.methods):
             if method.checkpoint and not Path(method.checkpoint).is_file():
                 return [Problem(f"methods.{index}.checkpoint", f"no such file: {method.checkpoint}")]
@@ -426,8 +455,9 @@ class WatermarkTrainSettings(SpecModel):
 class WatermarkCheckpoints(SpecModel):
     keep: int = Field(2, ge=1)
     score: Literal["val/rank", "val/bit_accuracy_jpeg", "val/bit_accuracy", "val/psnr"] = "val/rank"
-    """``val/rank`` orders by bit accuracy under JPEG, then by PSNR (``100 x accuracy + PSNR /
-    100``): once every bit survives, the checkpoint that hides them best wins."""
+    """``val/rank`` orders by the validation bits read correctly under JPEG, then by PSNR
+    (``correct bits + min(PSNR, 99) / 100``): among equally accurate checkpoints the one that
+    hides the bits best wins."""
 
 
 class WatermarkTrainSpec(RayTrainSpec):
@@ -504,6 +534,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, spec.train.epochs):
         rng = np.random.default_rng([spec.seed, epoch, rank])
         noise_draws = np.random.default_rng([spec.seed, epoch])  # the same noise layer on every rank each step
+        torch.manual_seed(spec.seed * 1_000_003 + epoch * world + rank)  # each rank its own masks, a resume its epoch's
         started = time.perf_counter()
         model.train()
         sums = np.zeros(4)
@@ -529,7 +560,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             critic_optimizer.step()
             sums += [float(losses.total.detach()), losses.image_mse, losses.message_mse, float(critic_loss.detach())]
         average_buffers(model, world)
-        elapsed += time.perf_counter() - started
+        seconds = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=device)
+        if world > 1:  # every rank adds the same time, so all stop at the same epoch
+            import torch.distributed as dist
+
+            dist.all_reduce(seconds)
+        elapsed += float(seconds.cpu()) / world
         model.eval()
         with torch.no_grad():
             marked = model.embed(val_images, val_bits)
@@ -541,7 +577,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "train/message_mse": sums[2] / steps, "train/discriminator_loss": sums[3] / steps,
                    "val/psnr": quality, "val/ber": clean, "val/bit_accuracy": 1 - clean,
                    f"val/ber_jpeg{spec.train.val_jpeg_quality}": compressed, "val/bit_accuracy_jpeg": 1 - compressed,
-                   "val/rank": 100 * (1 - compressed) + quality / 100, "time/train_s": elapsed}
+                   "val/rank": round((1 - compressed) * val_bits.numel()) + min(quality, 99.0) / 100,
+                   "time/train_s": elapsed}
         done = spec.train.time_limit_s is not None and elapsed >= spec.train.time_limit_s
         if rank == 0:
             with tempfile.TemporaryDirectory() as directory:

@@ -86,6 +86,21 @@ def test_differentiable_jpeg_is_close_to_pillow(photo, quality, subsampling):
     assert ours_vs_pillow < 0.4 * jpeg_error
 
 
+def test_quantisation_tables_are_libjpegs_at_every_quality():
+    import io
+
+    from vision.watermark.noise import CHROMA_TABLE, LUMA_TABLE, quality_table
+
+    for quality in range(1, 101):
+        buffer = io.BytesIO()
+        Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=quality)
+        buffer.seek(0)
+        with Image.open(buffer) as image:
+            tables = image.quantization
+        assert torch.equal(torch.tensor(tables[0], dtype=torch.float32).view(8, 8), quality_table(LUMA_TABLE, quality))
+        assert torch.equal(torch.tensor(tables[1], dtype=torch.float32).view(8, 8), quality_table(CHROMA_TABLE, quality))
+
+
 def test_gradients_flow_through_every_training_noise_layer():
     torch.manual_seed(0)
     cover = torch.rand(2, 3, 32, 32)

@@ -53,6 +53,10 @@ def test_bad_grid_specs_are_refused_before_ray(tmp_path, inputs):
         load_spec(grid_spec(tmp_path, checkpoint, folder, attacks=[{"name": "jepg", "strengths": [50]}]))
     with pytest.raises(SpecError, match="needs a checkpoint"):
         load_spec(grid_spec(tmp_path, checkpoint, folder, methods=[{"name": "mbrs"}]))
+    with pytest.raises(SpecError, match="jpeg at strength 0: JPEG quality must be in 1..100"):
+        load_spec(grid_spec(tmp_path, checkpoint, folder, attacks=[{"name": "jpeg"}]))
+    with pytest.raises(SpecError, match=r"methods \['mbrs'\] appear twice"):
+        load_spec(grid_spec(tmp_path, checkpoint, folder, methods=[{"name": "mbrs", "checkpoint": str(checkpoint)}] * 2))
     with pytest.raises(SpecError, match="RivaGAN carries exactly 32 bits"):
         load_spec(grid_spec(tmp_path, checkpoint, folder, methods=[{"name": "rivaGan", "message_length": 64}]))
 
@@ -67,7 +71,7 @@ def test_the_grid_runs_on_an_actor_pool_and_accounts_for_every_image(tmp_path, i
     assert metrics["grid/rows"] == 3 * 2 * 4  # images x methods x (identity + 2 JPEG + 1 chain)
     assert metrics["ber/dwtDct/identity_0"] <= 0.05  # the peer reads its clean mark back
     assert math.isfinite(metrics["psnr/mbrs"]) and math.isfinite(metrics["ssim/dwtDct"])
-    assert "ber/mbrs/crop_resize_then_jpeg_50" in metrics
+    assert "ber/mbrs/crop_resize0.75_then_jpeg_50" in metrics
     folder_out = client.download_artifacts(outcome.run_id, "results", str(tmp_path / "artifacts"))
     grid = pd.read_parquet(f"{folder_out}/grid.parquet")
     assert set(grid["size"]) == {32.0, 256.0}  # MBRS at its size, invisible-watermark at its minimum

@@ -122,7 +122,7 @@ class InvisibleWatermarkMethod(WatermarkMethod):
         return np.ascontiguousarray(encoder.encode(bgr, self.kind)[:, :, ::-1]).astype(np.uint8)
 
     def extract(self, image: np.ndarray) -> np.ndarray:
-        if min(image.shape[:2]) < self.MIN_SIZE:  # after a crop or a downscale: back up to the working size
+        if image.shape[:2] != (self.image_size, self.image_size):  # after a crop or a resize: back to the working size
             from PIL import Image
 
             image = np.asarray(Image.fromarray(image).resize((self.image_size, self.image_size), Image.BILINEAR))

@@ -42,9 +42,9 @@ CHROMA_TABLE = torch.tensor([
 
 
 def quality_table(table: torch.Tensor, quality: float) -> torch.Tensor:
-    """libjpeg's scaling: 5000/q below 50, 200 - 2q from 50; entries in 1..255."""
-    quality = min(100.0, max(1.0, float(quality)))
-    scale = 5000.0 / quality if quality < 50 else 200.0 - 2.0 * quality
+    """libjpeg's integer scaling: 5000 // q below 50, 200 - 2q from 50; entries in 1..255."""
+    quality = min(100, max(1, int(round(quality))))
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
     return torch.clamp(torch.floor((table * scale + 50.0) / 100.0), 1.0, 255.0)
 
 
