@@ -27,7 +27,6 @@ mixing, the loss and the accuracy; the rest of each batch trains as usual.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +42,7 @@ from pipelines.train_driver import (
     RayTrainSpec,
     best_checkpoint_path,
     fit_and_report,
+    report_epoch,
     starting_checkpoint,
     torch_trainer,
 )
@@ -491,14 +491,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["val/accuracy_ema"] = ema_correct / tested
         done = spec.train.time_limit_s is not None and elapsed >= spec.train.time_limit_s
         metrics["stopped_early"] = float(done and epoch + 1 < spec.train.epochs)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                            "ema": ema.state_dict() if ema is not None else None, "epoch": epoch + 1, "step": step,
-                            "elapsed": elapsed, "spec": config["spec"]}, Path(directory) / CHECKPOINT_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
+        report_epoch(rank, metrics, lambda folder: torch.save({
+            "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "epoch": epoch + 1, "step": step,
+            "elapsed": elapsed, "spec": config["spec"]}, folder / CHECKPOINT_FILE))
         if done:
             break
 

@@ -48,6 +48,7 @@ from pipelines.train_driver import (
     best_checkpoint_path,
     broadcast_from_rank_zero,
     fit_and_report,
+    report_epoch,
     starting_checkpoint,
     torch_trainer,
     worker_context,
@@ -312,8 +313,6 @@ def balanced_indices(labels: list[int], count: int, seed: int, epoch: int):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One rank of a ``forgery-train`` run."""
     import numpy as np
-    import ray.train
-    import ray.train.torch
     import torch
     import torch.distributed as dist
     from torch.utils.data import DataLoader
@@ -447,16 +446,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["val/best_auc"] = best
         done = spec.train.time_limit_s is not None and elapsed >= spec.train.time_limit_s
         metrics["stopped_early"] = float(done and epoch + 1 < spec.train.epochs)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "detector": spec.model.name,
-                            "regional": regional.state_dict() if regional is not None else None,
-                            "regional_momentum": regional.momentum if regional is not None else None,
-                            "epoch": epoch + 1, "step": step, "elapsed": elapsed, "best": best,
-                            "image_size": size, "spec": config["spec"]}, Path(directory) / CHECKPOINT_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
+        report_epoch(rank, metrics, lambda folder: torch.save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "detector": spec.model.name,
+            "regional": regional.state_dict() if regional is not None else None,
+            "regional_momentum": regional.momentum if regional is not None else None,
+            "epoch": epoch + 1, "step": step, "elapsed": elapsed, "best": best,
+            "image_size": size, "spec": config["spec"]}, folder / CHECKPOINT_FILE))
         if done:
             break
 

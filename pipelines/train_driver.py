@@ -223,3 +223,18 @@ def broadcast_from_rank_zero(model, world: int) -> None:
 
     for tensor in list(model.parameters()) + list(model.buffers()):
         dist.broadcast(tensor.data, src=0)
+
+
+def report_epoch(rank: int, metrics: dict[str, Any], write_checkpoint) -> None:
+    """Every rank reports the epoch's metrics; rank 0 with a checkpoint that
+    ``write_checkpoint(folder)`` writes (Ray Train persists and prunes it)."""
+    import tempfile
+
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        write_checkpoint(Path(directory))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

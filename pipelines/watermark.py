@@ -58,6 +58,7 @@ from pipelines.train_driver import (
     best_checkpoint_path,
     broadcast_from_rank_zero,
     fit_and_report,
+    report_epoch,
     starting_checkpoint,
     torch_trainer,
     worker_context,
@@ -498,8 +499,6 @@ def training_pictures(data: WatermarkTrainData) -> list:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One rank of a ``watermark-train`` run."""
     import numpy as np
-    import ray.train
-    import ray.train.torch
     import torch
 
     from vision.watermark.methods import save_mbrs
@@ -580,16 +579,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "val/rank": round((1 - compressed) * val_bits.numel()) + min(quality, 99.0) / 100,
                    "time/train_s": elapsed}
         done = spec.train.time_limit_s is not None and elapsed >= spec.train.time_limit_s
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "critic_optimizer": critic_optimizer.state_dict(), "epoch": epoch + 1, "elapsed": elapsed,
-                            "spec": config["spec"]}, Path(directory) / CHECKPOINT_FILE)
-                save_mbrs(model.cpu(), Path(directory) / METHOD_FILE, epoch=epoch + 1)
-                model.to(device)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
+        def write_checkpoint(folder: Path) -> None:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "critic_optimizer": critic_optimizer.state_dict(), "epoch": epoch + 1, "elapsed": elapsed,
+                        "spec": config["spec"]}, folder / CHECKPOINT_FILE)
+            save_mbrs(model.cpu(), folder / METHOD_FILE, epoch=epoch + 1)
+            model.to(device)
+
+        report_epoch(rank, metrics, write_checkpoint)
         if done:
             break
 
