@@ -160,8 +160,8 @@ class RegionalIndependenceLoss(nn.Module):
     ``beta = momentum``, and the inter-centre term is computed on the moved centres, as in
     the paper's equation, so its gradient reaches the real features scaled by ``beta``. (The
     authors' code also divides that term by ``beta``; with unit-length features that made it
-    dominate the loss, about 46 against a cross-entropy of 0.6, and the tiny detector
-    stopped learning, so it is not done here.) :meth:`decay_momentum` lowers ``beta`` per
+    dominate the cross-entropy by two orders of magnitude in our tiny runs, so it is not
+    done here.) :meth:`decay_momentum` lowers ``beta`` per
     epoch (the authors' 0.9). Distances are Euclidean; margins are the authors' example run's.
     """
 
