@@ -52,14 +52,26 @@ CHECKPOINT_FILE = "state.pt"
 
 class ModelSettings(SpecModel):
     name: str = "cswin_nano_32"
-    """A factory of :mod:`vision.backbones.cswin` (``cswin_tiny_224``, ..., ``cswin_nano_32``)."""
+    """A factory of :mod:`vision.backbones.cswin` (``cswin_tiny_224``, ..., ``cswin_nano_32``) or
+    of :mod:`vision.backbones.vit` (``vit_base_patch16_224``, ..., ``vit_tiny_patch4_32``)."""
     num_classes: int = Field(10, ge=1)
     in_chans: int = Field(3, ge=1)
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     use_checkpoint: bool = False
     """Recompute blocks in the backward pass (less activation memory, ~30% more compute)."""
     pretrained: str | None = None
-    """A checkpoint (the reference's or ours) loaded strictly before training."""
+    """A checkpoint loaded before training: a path or an MLflow artifact URI
+    (``runs:/<run id>/model/backbone.pt``). CSWin: the reference's or ours, loaded strictly;
+    ViT: a ``peco-mim``/``peco-moco`` backbone (every backbone weight; the head starts fresh)."""
+    linear_probe: bool = False
+    """Train only a new head (BatchNorm without affine parameters, then the linear layer) on
+    the frozen pre-trained backbone: the linear-probing protocol of MAE/BEiT."""
+
+    @model_validator(mode="after")
+    def _probe(self) -> "ModelSettings":
+        if self.linear_probe and self.drop_path_rate > 0:
+            raise ValueError("model.linear_probe freezes the backbone: model.drop_path_rate must be 0")
+        return self
 
 
 class DataSettings(SpecModel):
@@ -176,13 +188,51 @@ REPORTED = ("epoch", "step", "lr", "train/loss", "val/accuracy", "val/loss", "va
             "data/corrupt_images")
 
 
-def build_model(settings: ModelSettings):
-    from vision.backbones.cswin import FACTORIES, load_checkpoint
+def fetch_artifact(uri: str, run_dir: Path | None, tracking_uri: str | None, what: str = "model.pretrained") -> str:
+    """A local copy of an MLflow artifact (``runs:/<run id>/<path>``) of the spec's tracking
+    server (``tracking_uri``, as in ``tracking.uri``), under the run's folder."""
+    import tempfile
 
-    model = FACTORIES[settings.name](num_classes=settings.num_classes, drop_path_rate=settings.drop_path_rate,
-                                     in_chans=settings.in_chans, use_checkpoint=settings.use_checkpoint)
+    import mlflow
+
+    from pipelines.tracking.mlflow_run import resolve_tracking_uri
+
+    target = Path(run_dir or tempfile.mkdtemp(prefix="raysmith-inputs-")) / "inputs"
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target),
+                                                   tracking_uri=resolve_tracking_uri(tracking_uri))
+    except Exception as err:  # MlflowException, OSError
+        raise ValueError(f"{what} {uri} could not be fetched from MLflow: {err}") from err
+
+
+def model_factories() -> dict[str, Any]:
+    from vision.backbones import cswin, vit
+
+    return {**cswin.FACTORIES, **vit.FACTORIES}
+
+
+def build_model(settings: ModelSettings):
+    from torch import nn
+
+    from vision.backbones import cswin, vit
+
+    model = model_factories()[settings.name](num_classes=settings.num_classes, drop_path_rate=settings.drop_path_rate,
+                                             in_chans=settings.in_chans, use_checkpoint=settings.use_checkpoint)
+    if settings.name in vit.FACTORIES:
+        model.mask_token.requires_grad_(False)  # masked image modelling's; unused here (DDP needs every grad)
     if settings.pretrained:
-        load_checkpoint(model, settings.pretrained)
+        if settings.name in vit.FACTORIES:
+            vit.load_backbone(model, settings.pretrained)
+        else:
+            cswin.load_checkpoint(model, settings.pretrained)
+    if settings.linear_probe:
+        head = model.head
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        model.head = nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
+        for parameter in head.parameters():
+            parameter.requires_grad_(True)
     return model
 
 
@@ -515,13 +565,13 @@ class ClassifyPipeline(Pipeline):
     curve_metrics = ("val/accuracy", "val/accuracy_ema")
 
     def check(self, spec: ClassifySpec) -> list[Problem]:
-        from vision.backbones.cswin import FACTORIES
-
-        if spec.model.name not in FACTORIES:
-            return [Problem("model.name", f"unknown model '{spec.model.name}'{did_you_mean(spec.model.name, FACTORIES)}; "
-                                          f"available: {', '.join(FACTORIES)}")]
-        if spec.model.pretrained and not Path(spec.model.pretrained).is_file():
-            return [Problem("model.pretrained", f"no such file: {spec.model.pretrained}")]
+        factories = model_factories()
+        if spec.model.name not in factories:
+            return [Problem("model.name", f"unknown model '{spec.model.name}'{did_you_mean(spec.model.name, factories)}; "
+                                          f"available: {', '.join(factories)}")]
+        pretrained = spec.model.pretrained
+        if pretrained and not pretrained.startswith("runs:/") and not Path(pretrained).is_file():
+            return [Problem("model.pretrained", f"no such file: {pretrained} (a path or runs:/<run id>/<artifact>)")]
         for field in ("path", "val_path"):
             location = getattr(spec.data, field)
             if location and "://" not in location and not Path(location).exists():
@@ -569,6 +619,11 @@ class ClassifyPipeline(Pipeline):
                     f"the workers' {reserved:g} (scaling.num_workers x scaling.cpus_per_worker) of this cluster's "
                     f"{total:g}; lower scaling.cpus_per_worker (fractions work, e.g. 0.5) or scaling.num_workers")
         datasets, data_info = streamed_datasets(spec) if streamed else ({}, {})
+        if spec.model.pretrained and spec.model.pretrained.startswith("runs:/"):
+            spec = spec.model_copy(update={"model": spec.model.model_copy(
+                update={"pretrained": fetch_artifact(spec.model.pretrained, getattr(session, "run_dir", None),
+                                      spec.tracking.uri)})})
+
         def make_trainer(callback):
             return torch_trainer(train_loop_per_worker, {"spec": spec.model_dump(mode="json"), **data_info}, spec,
                                  session, CHECKPOINT_FILE, "classify", callback, datasets)

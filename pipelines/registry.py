@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pipelines.pipeline import Pipeline
 
-BUILTIN_MODULES: tuple[str, ...] = ("pipelines.rl", "pipelines.classify", "pipelines.forgery", "pipelines.watermark")
+BUILTIN_MODULES: tuple[str, ...] = ("pipelines.rl", "pipelines.classify", "pipelines.forgery", "pipelines.watermark",
+                                   "pipelines.peco")
 ENTRY_POINT_GROUP = "raysmith.pipelines"
 
 _KINDS: dict[str, type["Pipeline"]] = {}

@@ -14,6 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from pipelines.session import Session
@@ -26,6 +28,33 @@ class ScalingSettings(SpecModel):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     torch_threads: int | None = Field(None, ge=1)
     """Math threads per worker (default: cpus_per_worker, rounded)."""
+
+
+class CropSource(SpecModel):
+    """Training images drawn as random crops: of bundled photographs, or of a folder's images."""
+
+    source: Literal["photos", "folder"] = "photos"
+    path: str | None = None
+    val_images: int = Field(64, ge=8)
+    """Held-out crops (their own seed) scored after every epoch: the same ones every epoch."""
+
+    @model_validator(mode="after")
+    def _path(self) -> "CropSource":
+        if self.source == "folder" and not self.path:
+            raise ValueError("data.source folder needs data.path")
+        return self
+
+
+class StepTrainSettings(SpecModel):
+    """Training counted in steps of random draws (no fixed dataset to pass over)."""
+
+    epochs: int = Field(ge=1)
+    steps_per_epoch: int = Field(100, ge=1)
+    batch_size: int = Field(32, ge=1)
+    """Global batch, split evenly across the workers."""
+    lr: float = Field(1e-3, gt=0.0)
+    time_limit_s: float | None = Field(None, gt=0.0)
+    """Stop after the epoch during which this much training time has passed."""
 
 
 class RayTrainSpec(ExperimentSpec):

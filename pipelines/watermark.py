@@ -52,7 +52,9 @@ from pipelines.registry import register
 from pipelines.session import Session
 from pipelines.spec import ExperimentSpec, SpecModel, did_you_mean
 from pipelines.train_driver import (
+    CropSource,
     RayTrainSpec,
+    StepTrainSettings,
     average_buffers,
     average_gradients,
     best_checkpoint_path,
@@ -426,31 +428,15 @@ class WatermarkModelSettings(SpecModel):
     """Override the preset's width (64 in the paper's presets)."""
 
 
-class WatermarkTrainData(SpecModel):
-    source: Literal["photos", "folder"] = "photos"
+class WatermarkTrainData(CropSource):
     """``photos``: random crops of bundled photographs that ``watermark-eval``'s photos never use."""
-    path: str | None = None
-    val_images: int = Field(64, ge=8)
-    """Held-out crops scored after every epoch (the same ones every epoch)."""
-
-    @model_validator(mode="after")
-    def _path(self) -> "WatermarkTrainData":
-        if self.source == "folder" and not self.path:
-            raise ValueError("data.source folder needs data.path")
-        return self
 
 
-class WatermarkTrainSettings(SpecModel):
-    epochs: int = Field(ge=1)
-    steps_per_epoch: int = Field(100, ge=1)
-    batch_size: int = Field(32, ge=1)
-    """Global batch, split evenly across the workers."""
-    lr: float = Field(1e-3, gt=0.0)
+class WatermarkTrainSettings(StepTrainSettings):
     image_weight: float = Field(1.0, ge=0.0)
     message_weight: float = Field(10.0, ge=0.0)
     adversarial_weight: float = Field(1e-4, ge=0.0)
     val_jpeg_quality: int = Field(50, ge=1, le=100)
-    time_limit_s: float | None = Field(None, gt=0.0)
 
 
 class WatermarkCheckpoints(SpecModel):
@@ -502,7 +488,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from vision.watermark.methods import save_mbrs
-    from vision.watermark.mbrs import bit_error_rate, discriminator_loss, mbrs_losses, psnr, random_crops
+    from vision.data import random_crops
+    from vision.watermark.mbrs import bit_error_rate, discriminator_loss, mbrs_losses, psnr
     from vision.watermark.noise import RealJpeg, build_noise
 
     spec = WatermarkTrainSpec.model_validate(config["spec"])

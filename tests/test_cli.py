@@ -35,7 +35,8 @@ def test_kinds_lists_every_kind(tmp_path):
     result = raysmith("kinds", cwd=tmp_path)
     assert result.returncode == 0
     kinds = [line.split(":")[0] for line in result.stdout.splitlines()]
-    assert kinds == ["classify", "forgery-eval", "forgery-train", "rl", "watermark-eval", "watermark-train"]
+    assert kinds == ["classify", "forgery-eval", "forgery-train", "peco", "peco-mim", "peco-moco", "peco-tokenizer", "rl",
+                     "watermark-eval", "watermark-train"]
 
 
 def test_check_prints_resolved_spec(tmp_path):

@@ -31,7 +31,7 @@ def test_every_shipped_spec_is_valid(path, tmp_path):
         overrides = [f"checkpoint={tmp_path / 'state.pt'}"]
     loaded = load_spec(path, overrides)
     kinds = {"cswin_": "classify", "forgery_eval": "forgery-eval", "forgery_": "forgery-train",
-             "watermark_peers": "watermark-eval", "watermark_": "watermark-train"}
+             "watermark_peers": "watermark-eval", "watermark_": "watermark-train", "peco_": "peco"}
     expected = next((kind for prefix, kind in kinds.items() if path.name.startswith(prefix)), "rl")
     assert loaded.spec.kind == expected
     assert loaded.spec_hash() == load_spec(path, overrides).spec_hash()
@@ -94,7 +94,7 @@ def test_set_override_needs_path_and_value(tmp_path):
 def test_unknown_kind_lists_kinds(tmp_path):
     [message] = problems(tmp_path, tiny_ppo().replace("kind: rl", "kind: rll"))
     assert "unknown pipeline kind 'rll'" in message
-    assert "did you mean 'rl'" in message and "allowed kinds: classify, forgery-eval, forgery-train, rl, watermark-eval, watermark-train" in message
+    assert "did you mean 'rl'" in message and "allowed kinds: classify, forgery-eval, forgery-train, peco, peco-mim, peco-moco, peco-tokenizer, rl, watermark-eval, watermark-train" in message
 
 
 def test_missing_kind(tmp_path):

@@ -222,3 +222,20 @@ def decode_image(data: bytes, size: int, channels: int = 3, crop_pct: float = 1.
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return None
     return array.reshape(size, size, channels)
+
+
+def random_crops(images, count: int, size: int, rng) -> torch.Tensor:
+    """``count`` random square crops (side between ``size`` and twice it, bounded by the
+    picture) of uint8 ``[H, W, 3]`` pictures (each crop from a picture drawn uniformly),
+    resized to ``size``: float ``[count, 3, size, size]`` in [0, 1]. ``rng``: a numpy Generator."""
+    from PIL import Image
+
+    out = np.empty((count, size, size, 3), dtype=np.uint8)
+    for index in range(count):
+        picture = images[int(rng.integers(len(images)))]
+        height, width = picture.shape[:2]
+        side = int(rng.integers(min(size, height, width), min(2 * size, height, width) + 1))
+        top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+        crop = Image.fromarray(np.ascontiguousarray(picture[top: top + side, left: left + side]))
+        out[index] = np.asarray(crop.resize((size, size), Image.BICUBIC if side < size else Image.LANCZOS))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255.0

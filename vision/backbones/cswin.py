@@ -43,6 +43,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def init_transformer_weights(module: nn.Module) -> None:
+    """The reference transformers' rule (CSWin, ViT, BEiT): linear layers ~ truncated normal
+    (std 0.02) with zero bias; LayerNorm 1, 0; convolutions keep PyTorch's default."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop a residual branch for a whole sample with probability ``p``."""
 
@@ -257,19 +269,7 @@ class CSWinTransformer(nn.Module):
                 self.add_module(f"merge{stage + 1}", MergeBlock(dims[stage], dims[stage + 1]))
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # the reference's rule: linear layers ~ truncated normal (std 0.02), zero bias; LayerNorm 1, 0;
-        # convolutions keep PyTorch's default initialisation
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.apply(init_transformer_weights)
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
