@@ -212,20 +212,31 @@ def model_factories() -> dict[str, Any]:
     return {**cswin.FACTORIES, **vit.FACTORIES}
 
 
-def build_model(settings: ModelSettings):
+def build_model(settings: ModelSettings, weights: bytes | None = None):
+    """The model of ``settings``, with ``model.pretrained``'s weights (or ``weights``, that file's
+    bytes, as the workers get them) loaded. A pre-trained ViT is built with the checkpoint's
+    layer-scale."""
+    import io
+
+    import torch
     from torch import nn
 
     from vision.backbones import cswin, vit
 
-    model = model_factories()[settings.name](num_classes=settings.num_classes, drop_path_rate=settings.drop_path_rate,
-                                             in_chans=settings.in_chans, use_checkpoint=settings.use_checkpoint)
-    if settings.name in vit.FACTORIES:
-        model.mask_token.requires_grad_(False)  # masked image modelling's; unused here (DDP needs every grad)
+    kwargs = {"num_classes": settings.num_classes, "drop_path_rate": settings.drop_path_rate,
+              "in_chans": settings.in_chans, "use_checkpoint": settings.use_checkpoint}
+    source = None
     if settings.pretrained:
-        if settings.name in vit.FACTORIES:
-            vit.load_backbone(model, settings.pretrained)
-        else:
-            cswin.load_checkpoint(model, settings.pretrained)
+        source = (torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True) if weights is not None
+                  else settings.pretrained)
+    if settings.name in vit.FACTORIES:
+        model = (vit.build_pretrained(settings.name, source, **kwargs) if source is not None
+                 else vit.FACTORIES[settings.name](**kwargs))
+        model.mask_token.requires_grad_(False)  # masked image modelling's; unused here (DDP needs every grad)
+    else:
+        model = cswin.FACTORIES[settings.name](**kwargs)
+        if source is not None:
+            cswin.load_checkpoint(model, source)
     if settings.linear_probe:
         head = model.head
         for parameter in model.parameters():
@@ -437,7 +448,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for start in range(0, len(test_part[1]), 256):
                 yield test_part[0][start : start + 256], test_part[1][start : start + 256], None
 
-    raw = build_model(spec.model)
+    raw = build_model(spec.model, ray.get(config["pretrained"]) if config.get("pretrained") is not None else None)
     torch.manual_seed(spec.seed * 1009 + rank)  # per-rank drop-path masks and mixing weights from here on
     model = ray.train.torch.prepare_model(raw)
     optimizer = torch.optim.AdamW(parameter_groups(raw, spec.train.weight_decay), lr=spec.train.lr)
@@ -619,10 +630,13 @@ class ClassifyPipeline(Pipeline):
                     f"the workers' {reserved:g} (scaling.num_workers x scaling.cpus_per_worker) of this cluster's "
                     f"{total:g}; lower scaling.cpus_per_worker (fractions work, e.g. 0.5) or scaling.num_workers")
         datasets, data_info = streamed_datasets(spec) if streamed else ({}, {})
-        if spec.model.pretrained and spec.model.pretrained.startswith("runs:/"):
-            spec = spec.model_copy(update={"model": spec.model.model_copy(
-                update={"pretrained": fetch_artifact(spec.model.pretrained, getattr(session, "run_dir", None),
-                                      spec.tracking.uri)})})
+        if spec.model.pretrained:  # to every worker, on any node, through the object store
+            import ray
+
+            local = spec.model.pretrained
+            if local.startswith("runs:/"):
+                local = fetch_artifact(local, getattr(session, "run_dir", None), spec.tracking.uri)
+            data_info = {**data_info, "pretrained": ray.put(Path(local).read_bytes())}
 
         def make_trainer(callback):
             return torch_trainer(train_loop_per_worker, {"spec": spec.model_dump(mode="json"), **data_info}, spec,

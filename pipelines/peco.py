@@ -6,7 +6,7 @@ all-reduce per step) drawing its images as random crops of the bundled photograp
 counted in ``data/corrupt_images`` and replaced by another draw):
 
 1. ``peco-moco``: MoCo v3 on a ViT (:mod:`vision.peco.moco`); writes ``backbone.pt`` (the
-   momentum encoder, PeCo's perceptual model), logged to MLflow as ``model/backbone.pt``.
+   base encoder, PeCo's perceptual model), logged to MLflow as ``model/backbone.pt``.
 2. ``peco-tokenizer``: the VQGAN-style tokenizer (:mod:`vision.peco.tokenizer`) with pixel,
    perceptual (features of ``perceptual.model``) and PatchGAN losses; logs codebook use
    (perplexity, used and dead codes), PSNR, and a reconstruction grid per checkpoint;
@@ -29,7 +29,7 @@ import io
 import random
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -45,7 +45,7 @@ from pipelines.train_driver import (
     StepTrainSettings,
     average_buffers,
     average_gradients,
-    best_checkpoint_path,
+    best_checkpoint,
     broadcast_from_rank_zero,
     fit_and_report,
     report_epoch,
@@ -81,7 +81,8 @@ class StageTrain(StepTrainSettings):
 class StageCheckpoints(SpecModel):
     keep: int = Field(2, ge=1)
     score: str = "epoch"
-    """Reported metric that ranks kept checkpoints (higher is better); ``epoch`` keeps the latest."""
+    """Reported metric that ranks kept checkpoints, one where higher is better (``val/psnr``,
+    ``val/accuracy``, ...); ``epoch`` keeps the latest."""
 
 
 class PecoStageSpec(RayTrainSpec):
@@ -242,28 +243,30 @@ def _run_stage(pipeline: Pipeline, loop, spec: PecoStageSpec, session: Session, 
     result, last, best = fit_and_report(make_trainer, session, spec.checkpoint.score)
     summary: dict[str, Any] = {key: last[key] for key in pipeline.key_metrics if key in last}
     summary[f"best/{spec.checkpoint.score}"] = best
-    checkpoint = best_checkpoint_path(result, spec.checkpoint.score)
+    checkpoint = best_checkpoint(result, spec.checkpoint.score)
     if checkpoint is not None:
-        summary["checkpoint"] = checkpoint
-        summary["model_file"] = str(Path(checkpoint) / model_file)
-        session.log_artifact(Path(checkpoint) / model_file, "model")
-        for name in extra_artifacts:
-            if Path(checkpoint, name).is_file():
-                session.log_artifact(Path(checkpoint) / name, "images")
+        summary["checkpoint"] = checkpoint.path
+        with checkpoint.as_directory() as folder:  # a local copy when the storage is remote
+            session.log_artifact(Path(folder) / model_file, "model")
+            for name in extra_artifacts:
+                if Path(folder, name).is_file():
+                    session.log_artifact(Path(folder) / name, "images")
     return summary
 
 
 class _StagePipeline(Pipeline):
     step_metric = "epoch"
     time_attr = "epoch"
+    scores: tuple[str, ...] = ("epoch",)
+    """What ``checkpoint.score`` may be: reported metrics where higher is better."""
 
     def check_stage(self, spec: PecoStageSpec) -> list[Problem]:
         if spec.data.source == "folder" and "://" not in spec.data.path and not Path(spec.data.path).is_dir():
             return [Problem("data.path", f"no such folder: {spec.data.path}")]
-        if spec.checkpoint.score != "epoch" and spec.checkpoint.score not in self.reported_metrics(spec)[0]:
-            known = sorted(self.reported_metrics(spec)[0])
-            return [Problem("checkpoint.score", f"'{spec.checkpoint.score}' is not reported"
-                                                f"{did_you_mean(spec.checkpoint.score, known)}; reported: {', '.join(known)}")]
+        if spec.checkpoint.score not in self.scores:
+            return [Problem("checkpoint.score", f"'{spec.checkpoint.score}' cannot rank checkpoints"
+                                                f"{did_you_mean(spec.checkpoint.score, self.scores)}; the reported metrics "
+                                                f"where higher is better: {', '.join(self.scores)}")]
         return []
 
     def reported_metrics(self, spec) -> tuple[set[str], tuple[str, ...]]:
@@ -324,7 +327,8 @@ def moco_loop(config: dict[str, Any]) -> None:
         for _ in range(spec.train.steps_per_epoch):
             rate = _set_lr([optimizer], spec.train, step, total)
             first, second = two_views(pictures.crops(per_worker, size, rng), size, generator)
-            loss = model(first.to(device), second.to(device), momentum_at(step, total, spec.model.base_momentum))
+            loss = model(_normalise(first.to(device)), _normalise(second.to(device)),
+                         momentum_at(step, total, spec.model.base_momentum))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:
@@ -337,7 +341,7 @@ def moco_loop(config: dict[str, Any]) -> None:
         elapsed += seconds
         model.eval()
         with torch.no_grad():
-            first, second = (view.to(device) for view in val_views)
+            first, second = (_normalise(view.to(device)) for view in val_views)
             q1, q2 = model.predictor(model.base(first)), model.predictor(model.base(second))
             k1, k2 = model.momentum(first), model.momentum(second)
             val_loss = float(model.contrastive(q1, k2, gather=False) + model.contrastive(q2, k1, gather=False))
@@ -364,6 +368,7 @@ class MocoPipeline(_StagePipeline):
     spec_model = MocoSpec
     summary = "PeCo stage 1: MoCo v3 on a ViT (the perceptual model) on Ray Train"
     key_metrics = ("train/loss", "val/loss", "val/positive_similarity", "epoch")
+    scores = ("epoch", "val/positive_similarity")
     curve_metrics = ("train/loss", "val/loss")
 
     def check(self, spec: MocoSpec) -> list[Problem]:
@@ -385,7 +390,8 @@ class TokenizerModel(SpecModel):
 
 class PerceptualSettings(SpecModel):
     model: str | None = None
-    """A ``peco-moco`` ``backbone.pt`` (or any of our ViT backbones): path or ``runs:/`` URI."""
+    """A ViT checkpoint of ours (a ``peco-moco`` or ``peco-mim`` ``backbone.pt``, a ``classify``
+    ``state.pt`` of a ViT): a path or a ``runs:/`` URI."""
     layers: list[int] | None = None
     """Blocks whose features are compared (default: the last of each quarter: 3, 6, 9, 12 for ViT-B)."""
     weight: float = Field(1.0, ge=0.0)
@@ -432,12 +438,24 @@ class TokenizerSpec(PecoStageSpec):
         return self
 
 
-def perceptual_network(blob_state: dict[str, Any], layers: list[int] | None):
-    from vision.backbones.vit import load_backbone
+def perceptual_network(checkpoint: dict[str, Any], layers: list[int] | None):
+    """The frozen perceptual model of a ViT checkpoint of ours: a ``peco-moco`` or ``peco-mim``
+    ``backbone.pt``, or a ``classify`` ``state.pt`` of a ViT (its head is left out)."""
+    from vision.backbones.vit import FACTORIES, build_pretrained
     from vision.peco.tokenizer import PerceptualLoss, default_layers
 
-    network = _backbone(blob_state["factory"], int(blob_state["img_size"]))
-    load_backbone(network, blob_state)
+    if "factory" in checkpoint:
+        factory, size = checkpoint["factory"], int(checkpoint["img_size"])
+    elif isinstance(checkpoint.get("spec"), dict) and isinstance(checkpoint.get("model"), dict):
+        factory = checkpoint["spec"]["model"]["name"]
+        size = int(checkpoint["spec"].get("data", {}).get("image_size") or 0)
+    else:
+        raise ValueError(f"perceptual.model is not a ViT checkpoint of raysmith's (entries: {sorted(checkpoint)[:8]}); "
+                         f"give a peco-moco or peco-mim backbone.pt or a classify state.pt of a ViT")
+    if factory not in FACTORIES:
+        raise ValueError(f"perceptual.model holds a {factory}, not a ViT ({', '.join(FACTORIES)}): the perceptual "
+                         f"loss reads a ViT's block features")
+    network = build_pretrained(factory, checkpoint, num_classes=0, img_size=size or FACTORIES[factory].img_size)
     return PerceptualLoss(network, layers or default_layers(network.depth))
 
 
@@ -561,6 +579,7 @@ class TokenizerPipeline(_StagePipeline):
     spec_model = TokenizerSpec
     summary = "PeCo stage 2: VQGAN-style tokenizer with perceptual + adversarial losses on Ray Train"
     key_metrics = ("val/psnr", "val/perceptual", "codebook/perplexity", "codebook/dead_codes", "epoch")
+    scores = ("epoch", "val/psnr", "codebook/perplexity", "codebook/used_codes")
     curve_metrics = ("val/psnr", "codebook/perplexity")
 
     def check(self, spec: TokenizerSpec) -> list[Problem]:
@@ -590,6 +609,7 @@ class MaskingSettings(SpecModel):
 class MimTrain(StageTrain):
     lr: float = Field(1.5e-3, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW's betas: PeCo's (0.9, 0.98); BEiT's own pre-training used (0.9, 0.999)."""
     grad_clip: float | None = Field(3.0, gt=0.0)
 
 
@@ -690,6 +710,7 @@ class MimPipeline(_StagePipeline):
     spec_model = MimSpec
     summary = "PeCo stage 3: BEiT masked image modelling against a tokenizer's ids on Ray Train"
     key_metrics = ("train/loss", "val/loss", "val/accuracy", "epoch")
+    scores = ("epoch", "val/accuracy", "train/accuracy")
     curve_metrics = ("train/loss", "val/loss", "val/accuracy")
 
     def check(self, spec: MimSpec) -> list[Problem]:
@@ -742,11 +763,29 @@ class PecoChainSpec(ExperimentSpec):
             raise ValueError(f"stages run in the order {', '.join(STAGES)} (each once); got {', '.join(self.stages)}")
         if self.search is not None:
             raise ValueError("a peco chain cannot be searched: search its stages' own specs (peco-tokenizer, ...)")
+        for stage, upstream, field in self.INPUTS:
+            if stage in self.stages and upstream in self.stages and self.body_input(stage) is not None:
+                raise ValueError(f"{stage}.{field} is set, but the {upstream} stage runs in this chain and hands its "
+                                 f"output on: drop {stage}.{field}, or {upstream} from stages")
         placeholders = {"moco": "runs:/placeholder/model/backbone.pt", "tokenizer": "runs:/placeholder/model/tokenizer.pt",
                         "mim": "runs:/placeholder/model/backbone.pt"}
         for stage in self.stages:
             self.stage_spec(stage, placeholders)  # a bad stage body is refused now, before Ray starts
         return self
+
+    INPUTS: ClassVar[tuple[tuple[str, str, str], ...]] = (("tokenizer", "moco", "perceptual.model"), ("mim", "tokenizer", "tokenizer"),
+              ("linear_probe", "mim", "model.pretrained"), ("finetune", "mim", "model.pretrained"))
+    """(stage, the stage whose output it takes, the field of its body that names it instead)."""
+    TOP_LEVEL: ClassVar[dict[str, str]] = {"moco": "perceptual_model", "tokenizer": "tokenizer_model", "mim": "pretrained_model"}
+
+    def body_input(self, stage: str) -> str | None:
+        """The input model ``stage``'s own body names, if any."""
+        body = getattr(self, stage)
+        if stage == "tokenizer":
+            return (body.get("perceptual") or {}).get("model")
+        if stage == "mim":
+            return body.get("tokenizer")
+        return (body.get("model") or {}).get("pretrained")
 
     def stage_spec(self, stage: str, outputs: dict[str, str]):
         """The spec of ``stage``, with upstream outputs (``runs:/`` URIs) from ``outputs``."""
@@ -794,23 +833,19 @@ class PecoChainPipeline(Pipeline):
     def check(self, spec: PecoChainSpec) -> list[Problem]:
         from pipelines.registry import get_pipeline
 
-        needs = {"tokenizer": ("moco", "perceptual_model"), "mim": ("tokenizer", "tokenizer_model"),
-                 "linear_probe": ("mim", "pretrained_model"), "finetune": ("mim", "pretrained_model")}
-        for stage in spec.stages:
-            if stage not in needs:
+        for stage, upstream, field in spec.INPUTS:
+            if stage not in spec.stages or upstream in spec.stages:
                 continue
-            upstream, field = needs[stage]
             if stage == "tokenizer" and (spec.tokenizer.get("perceptual") or {}).get("weight", 1.0) == 0:
                 continue
-            if stage == "tokenizer" and (spec.tokenizer.get("perceptual") or {}).get("model"):
-                continue
-            if upstream not in spec.stages and not getattr(spec, field):
-                return [Problem(field, f"stage {stage} needs the {upstream} stage's output: run {upstream} too or "
-                                       f"set {field} (a path or runs:/<run id>/<artifact>)")]
-            if upstream not in spec.stages:
-                problems = _reference_problem(field, getattr(spec, field))
-                if problems:
-                    return problems
+            top = spec.TOP_LEVEL[upstream]
+            given = spec.body_input(stage) or getattr(spec, top)
+            if not given:
+                return [Problem(top, f"stage {stage} needs the {upstream} stage's output: run {upstream} too, or set "
+                                     f"{top} (or {stage}.{field}) to a path or runs:/<run id>/<artifact>")]
+            problems = _reference_problem(top if given == getattr(spec, top) else f"{stage}.{field}", given)
+            if problems:
+                return problems
         outputs = {stage: f"runs:/pending/{stage}" for stage in spec.stages}
         for stage in spec.stages:
             stage_spec = spec.stage_spec(stage, outputs)
@@ -833,6 +868,10 @@ class PecoChainPipeline(Pipeline):
 
         if not isinstance(session, LocalSession):
             raise ValueError("a peco chain runs as a local run or a Ray Job (each stage its own MLflow run), not in Tune")
+        if session.restore_from:
+            raise ValueError("--restore resumes one Ray Train run: restore the stage's own spec (peco-mim, ...) from "
+                             "its checkpoint (the child run's raysmith.checkpoint tag), and run the later stages with "
+                             "stages=[...] and the *_model fields")
         parent = session.tracker
         outputs: dict[str, str] = {}
         summary: dict[str, Any] = {}
@@ -851,6 +890,8 @@ class PecoChainPipeline(Pipeline):
                 tracker.finish("FAILED")
                 raise
             tracker.log_learning_curve(pipeline.curve_metrics, xlabel="epoch", title=stage_spec.name)
+            if result.get("checkpoint"):
+                tracker.set_tags({"raysmith.checkpoint": str(result["checkpoint"])})
             tracker.finish("FINISHED")
             if stage in artifact:
                 outputs[stage] = f"runs:/{tracker.run_id}/{artifact[stage]}"

@@ -96,6 +96,7 @@ def torch_trainer(loop, loop_config: dict[str, Any], spec, session: Session, che
     folder). With ``session.restore_from`` set the loop starts from that checkpoint (see
     :func:`starting_checkpoint`)."""
     import tempfile
+    import uuid
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -105,6 +106,8 @@ def torch_trainer(loop, loop_config: dict[str, Any], spec, session: Session, che
         loop_config = {**loop_config, RESUME_KEY: resume}
     run_dir = getattr(session, "run_dir", None)
     storage = spec.storage_path or str(Path(run_dir or tempfile.mkdtemp(prefix="raysmith-train-")) / "ray_train")
+    # Ray Train picks up any state under storage/name: on shared storage every run gets a name of its own
+    name = spec.name if not spec.storage_path else f"{spec.name}-{uuid.uuid4().hex[:8]}"
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -112,7 +115,7 @@ def torch_trainer(loop, loop_config: dict[str, Any], spec, session: Session, che
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name=spec.name, storage_path=storage,
+            name=name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep,
                                                checkpoint_score_attribute=spec.checkpoint.score,
                                                checkpoint_score_order="max"),
@@ -164,13 +167,19 @@ def fit_and_report(make_trainer, session: Session, score: str) -> tuple[Any, dic
     return outcome["result"], last, best
 
 
-def best_checkpoint_path(result, score: str) -> str | None:
-    """The kept checkpoint with the highest ``score`` (else the latest)."""
+def best_checkpoint(result, score: str):
+    """The kept checkpoint (a ``ray.train.Checkpoint``) with the highest ``score`` (else the latest)."""
     kept = getattr(result, "best_checkpoints", None) or []
     if kept:  # (checkpoint, metrics) pairs
         checkpoint, _ = max(kept, key=lambda pair: pair[1].get(score, float("-inf")))
-        return checkpoint.path
-    return result.checkpoint.path if result.checkpoint is not None else None
+        return checkpoint
+    return result.checkpoint
+
+
+def best_checkpoint_path(result, score: str) -> str | None:
+    """The path of :func:`best_checkpoint`."""
+    checkpoint = best_checkpoint(result, score)
+    return checkpoint.path if checkpoint is not None else None
 
 
 RESUME_KEY = "raysmith_resume_from"

@@ -198,7 +198,9 @@ def test_pretrained_backbone_hands_over_to_fine_tuning_and_linear_probing(tmp_pa
     from pipelines.classify import ModelSettings, build_model
 
     torch.manual_seed(0)
-    pretrained = MaskedImageModel(vit_nano_patch4_32(num_classes=0, layer_scale_init=None), 16).backbone
+    pretrained = MaskedImageModel(vit_nano_patch4_32(num_classes=0, layer_scale_init=0.1), 16).backbone
+    for block in pretrained.blocks:  # trained gammas, not their initial value
+        torch.nn.init.uniform_(block.gamma_1, 0.5, 1.5)
     path = tmp_path / "backbone.pt"
     torch.save({"backbone": pretrained.state_dict(), "factory": "vit_nano_patch4_32", "img_size": 32}, path)
     images = torch.rand(3, 3, 32, 32)
@@ -213,3 +215,69 @@ def test_pretrained_backbone_hands_over_to_fine_tuning_and_linear_probing(tmp_pa
     torch.save({"backbone": vit_base_patch16_224(num_classes=0).state_dict()}, wrong)
     with pytest.raises(ValueError, match="does not fit this ViT.*other shapes.*nothing was loaded"):
         load_backbone(vit_nano_patch4_32(num_classes=10), wrong)
+    # weights the model has no place for are refused, not dropped (a layer-scale checkpoint into a plain ViT)
+    with pytest.raises(ValueError, match=r"4 without a place in it \(blocks.0.gamma_1"):
+        load_backbone(vit_nano_patch4_32(num_classes=10), path)
+
+
+def test_any_vit_checkpoint_of_ours_serves_as_the_perceptual_model(tmp_path):
+    from pipelines.classify import ModelSettings, build_model
+    from pipelines.peco import perceptual_network
+
+    torch.manual_seed(0)
+    classifier = build_model(ModelSettings(name="vit_nano_patch4_32", num_classes=10)).eval()
+    state = {"model": classifier.state_dict(), "spec": {"model": {"name": "vit_nano_patch4_32"}, "data": {"image_size": 32}}}
+    loss = perceptual_network(state, [2])
+    images = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loss.model.intermediate(images, [2])[0], classifier.intermediate(images, [2])[0])
+    with pytest.raises(ValueError, match="holds a cswin_nano_32, not a ViT"):
+        perceptual_network({"model": {}, "spec": {"model": {"name": "cswin_nano_32"}}}, None)
+    with pytest.raises(ValueError, match="not a ViT checkpoint of raysmith's"):
+        perceptual_network({"weights": {}}, None)
+
+
+def _cross_rank_bn(rank: int, world: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from vision.peco.moco import CrossRankBatchNorm1d
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    x = torch.randn(8, 5) * 3 + 1  # the same global batch on every rank; each takes its half
+    norm = CrossRankBatchNorm1d(5)
+    torch.nn.init.uniform_(norm.weight)
+    part = x[rank * 4: rank * 4 + 4].clone().requires_grad_(True)
+    y = norm(part)
+    (y * torch.arange(5.0)).sum().backward()
+    out.put((rank, *(t.detach().numpy().copy() for t in (y, part.grad, norm.running_mean, norm.running_var))))
+    dist.destroy_process_group()
+
+
+def test_cross_rank_batchnorm_equals_batchnorm_over_the_global_batch():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    workers = [context.Process(target=_cross_rank_bn, args=(rank, 2, port, queue)) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    results = dict((item[0], item[1:]) for item in (queue.get() for _ in range(2)))
+    for worker in workers:
+        worker.join(timeout=60)
+    torch.manual_seed(0)
+    x = (torch.randn(8, 5) * 3 + 1).requires_grad_(True)
+    reference = torch.nn.BatchNorm1d(5)
+    torch.nn.init.uniform_(reference.weight)
+    y = reference(x)
+    (y * torch.arange(5.0)).sum().backward()
+    for rank in range(2):
+        out, grad, running_mean, running_var = (torch.from_numpy(a) for a in results[rank])
+        assert torch.allclose(out, y[rank * 4: rank * 4 + 4].detach(), atol=1e-5)
+        assert torch.allclose(grad, x.grad[rank * 4: rank * 4 + 4], atol=1e-5)
+        assert torch.allclose(running_mean, reference.running_mean, atol=1e-6)
+        assert torch.allclose(running_var, reference.running_var, atol=1e-5)

@@ -57,10 +57,14 @@ def test_bad_chains_are_refused_before_ray(tmp_path, folder):
     with pytest.raises(SpecError, match="stage tokenizer is not a valid peco-tokenizer spec: tokenizer.model.preset"):
         load_spec(chain_spec(tmp_path, folder, tokenizer={"model": {"preset": "dall_e"}, "train": {"epochs": 1}}))
     with pytest.raises(SpecError, match="tokenizer_model: stage mim needs the tokenizer stage's output: run tokenizer "
-                                        "too or set tokenizer_model"):
+                                        "too, or set tokenizer_model"):
         load_spec(chain_spec(tmp_path, folder, stages=["mim", "linear_probe"]))
     with pytest.raises(SpecError, match="tokenizer_model: no such file"):
         load_spec(chain_spec(tmp_path, folder, stages=["mim"], tokenizer_model=str(tmp_path / "none.pt")))
+    with pytest.raises(SpecError, match="mim.tokenizer is set, but the tokenizer stage runs in this chain"):
+        load_spec(chain_spec(tmp_path, folder, mim={"tokenizer": "runs:/abc/model/tokenizer.pt", "train": {"epochs": 1}}))
+    with pytest.raises(SpecError, match="'val/loss' cannot rank checkpoints.*higher is better: epoch, val/accuracy"):
+        load_spec(chain_spec(tmp_path, folder, mim={"checkpoint": {"score": "val/loss"}, "train": {"epochs": 1}}))
 
 
 def test_four_stage_chain_on_two_workers_then_a_stage_alone(tmp_path, folder):
@@ -85,13 +89,17 @@ def test_four_stage_chain_on_two_workers_then_a_stage_alone(tmp_path, folder):
     assert 0.0 <= by_stage["mim"].data.metrics["val/accuracy"] <= 1.0
     assert 0.3 <= by_stage["mim"].data.metrics["train/masked_fraction"] <= 0.41
     assert {"linear_probe/val/accuracy", "finetune/val/accuracy"} <= set(outcome.summary)
-    # the MIM stage again, alone, from the tokenizer run's artifact: any stage can be rerun
-    again = run_local(load_spec(chain_spec(tmp_path, folder, stages=["mim"],
-                                           tokenizer_model=f"runs:/{tokenizer_run}/model/tokenizer.pt")))
-    [rerun] = client.search_runs([again.experiment_id], f"tags.`mlflow.parentRunId` = '{again.run_id}'")
-    assert rerun.data.params["tokenizer"] == f"runs:/{tokenizer_run}/model/tokenizer.pt"
-    # the same seed, the same tokenizer and data: the same pre-training as the chain's
-    assert rerun.data.metrics["train/loss"] == pytest.approx(by_stage["mim"].data.metrics["train/loss"], rel=1e-5)
-    backbone = client.download_artifacts(rerun.info.run_id, "model/backbone.pt", str(tmp_path))
+    # the MIM stage alone, from the tokenizer run's artifact, resumed from the chain's MIM
+    # checkpoint (epoch 1) for a second epoch: any stage can be rerun, and resumes
+    chain = load_spec(chain_spec(tmp_path, folder)).spec
+    mim_spec = chain.stage_spec("mim", {"tokenizer": f"runs:/{tokenizer_run}/model/tokenizer.pt"}).model_dump(mode="json")
+    mim_spec["train"]["epochs"] = 2
+    mim_file = write_spec(tmp_path, "mim.yaml", yaml.safe_dump(mim_spec))
+    again = run_local(load_spec(mim_file), restore=by_stage["mim"].data.tags["raysmith.checkpoint"])
+    [epoch] = client.get_metric_history(again.run_id, "epoch")
+    assert epoch.value == 2 and epoch.step == 2  # epoch 1 came from the checkpoint
+    [step] = client.get_metric_history(again.run_id, "step")
+    assert step.value == 6  # 3 steps per epoch, counted on from the checkpoint's 3
+    backbone = client.download_artifacts(again.run_id, "model/backbone.pt", str(tmp_path))
     state = torch.load(backbone, weights_only=True)
     assert state["factory"] == "vit_nano_patch4_32" and "mask_token" in state["backbone"]

@@ -18,12 +18,16 @@ from torch import nn
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights, and biases/1-D parameters (norms) without decay."""
+    """Two AdamW groups: decayed weights, and without decay biases, 1-D parameters (norms) and
+    the names a sub-module lists in ``NO_WEIGHT_DECAY`` (a ViT's position embedding, class
+    and mask tokens)."""
+    skip = {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() for name in getattr(module, "NO_WEIGHT_DECAY", ())}
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
+        (no_decay if parameter.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -133,6 +133,9 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(images))
 
+    NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token")
+    """Parameters BEiT and MoCo v3 train without weight decay (besides biases and norms)."""
+
 
 def _factory(embed_dim: int, depth: int, num_heads: int, img_size: int, patch_size: int):
     def build(num_classes: int = 1000, drop_path_rate: float = 0.0, img_size: int | None = img_size,
@@ -158,29 +161,52 @@ FACTORIES = {
     "vit_nano_patch4_32": vit_nano_patch4_32,
 }
 
-HEAD_KEYS = ("head.weight", "head.bias")
-
-
-def load_backbone(model: VisionTransformer, source: str | Path | dict) -> dict[str, Any]:
-    """Load a pre-trained backbone (a ``peco-mim`` or ``peco-moco`` ``backbone.pt``, its
-    contents, or a state dict) into ``model`` for fine-tuning or probing: every backbone weight must be present
-    with the model's shape; the classification head is left as initialised. Checkpoint
-    entries the backbone has no use for (a MIM head, MoCo heads) are listed in the return
-    value's ``ignored``. Nothing is loaded if a weight is missing or has another shape."""
-    path = "the checkpoint" if isinstance(source, dict) else source
+def backbone_weights(source: str | Path | dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, other entries) of a ViT checkpoint of ours: a ``peco-mim``/``peco-moco``
+    ``backbone.pt`` (or its contents), a ``classify`` ``state.pt`` of a ViT, or a bare state
+    dict; a ``module.`` prefix (DistributedDataParallel) is removed."""
     data = source if isinstance(source, dict) else torch.load(Path(source), map_location="cpu", weights_only=True)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict of weights, got {type(data).__name__}")
-    state = data.get("backbone") if isinstance(data.get("backbone"), dict) else data
-    state = {(name[len("module."):] if name.startswith("module.") else name): value for name, value in state.items()}
-    expected = {name: value for name, value in model.state_dict().items() if name not in HEAD_KEYS}
-    missing = sorted(set(expected) - set(state))
-    mismatched = sorted(name for name in set(expected) & set(state) if tuple(expected[name].shape) != tuple(state[name].shape))
-    if missing or mismatched:
-        shapes = [f"{name} {tuple(state[name].shape)} vs {tuple(expected[name].shape)}" for name in mismatched[:6]]
-        raise ValueError(f"{path} does not fit this ViT: {len(missing)} missing ({', '.join(missing[:8])}); "
+        raise ValueError(f"{source}: expected a dict of weights, got {type(data).__name__}")
+    for key in ("backbone", "model"):
+        if isinstance(data.get(key), dict):
+            state, extra = data[key], {k: v for k, v in data.items() if k != key}
+            break
+    else:
+        state, extra = data, {}
+    state = {(name[len("module."):] if name.startswith("module.") else name): value for name, value in state.items()
+             if torch.is_tensor(value)}
+    return state, extra
+
+
+def build_pretrained(factory: str, source: str | Path | dict, **kwargs: Any) -> VisionTransformer:
+    """``FACTORIES[factory](**kwargs)`` with the checkpoint's layer-scale (present or not) and
+    its backbone weights loaded (:func:`load_backbone`)."""
+    state, _ = backbone_weights(source)
+    if any(name.endswith(".gamma_1") for name in state):
+        kwargs["layer_scale_init"] = 0.1  # any value: the checkpoint's gammas replace it
+    else:
+        kwargs.pop("layer_scale_init", None)
+    model = FACTORIES[factory](**kwargs)
+    load_backbone(model, {"backbone": state}, source if not isinstance(source, dict) else "the checkpoint")
+    return model
+
+
+def load_backbone(model: VisionTransformer, source: str | Path | dict, label: Any = None) -> dict[str, Any]:
+    """Load a pre-trained backbone (see :func:`backbone_weights`) into ``model`` for
+    fine-tuning, probing or perceptual features: every backbone weight must be present with
+    the model's shape and every weight of the checkpoint must have a place in the model, the
+    classification head excepted (it is left as initialised). Nothing is loaded otherwise."""
+    label = label or ("the checkpoint" if isinstance(source, dict) else source)
+    state, extra = backbone_weights(source)
+    expected = {name: value for name, value in model.state_dict().items() if not name.startswith("head.")}
+    given = {name: value for name, value in state.items() if not name.startswith("head.")}
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    mismatched = sorted(name for name in set(expected) & set(given) if tuple(expected[name].shape) != tuple(given[name].shape))
+    if missing or unexpected or mismatched:
+        shapes = [f"{name} {tuple(given[name].shape)} vs {tuple(expected[name].shape)}" for name in mismatched[:6]]
+        raise ValueError(f"{label} does not fit this ViT: {len(missing)} missing ({', '.join(missing[:8])}); "
+                         f"{len(unexpected)} without a place in it ({', '.join(unexpected[:8])}); "
                          f"{len(mismatched)} with other shapes ({'; '.join(shapes)}); nothing was loaded")
-    model.load_state_dict({name: state[name] for name in expected}, strict=False)
-    return {"ignored": sorted(set(state) - set(expected)),
-            **{key: value for key, value in data.items() if key not in ("backbone",) and not torch.is_tensor(value)
-               and not isinstance(value, dict)}}
+    model.load_state_dict(given, strict=False)
+    return {key: value for key, value in extra.items() if not torch.is_tensor(value) and not isinstance(value, dict)}

@@ -6,7 +6,7 @@ that follows the base by ``m`` (0.99 rising to 1 on a cosine). Two augmented vie
 image; the loss is symmetric InfoNCE, ``ctr(q1, k2) + ctr(q2, k1)`` with ``ctr(q, k) =
 2 tau * CE(q k^T / tau, positives on the diagonal)`` over L2-normalised vectors, the keys
 gathered from every rank (tau 0.2 for ViTs). BatchNorm in the MLPs (the last without affine
-parameters), as the paper. Augmentations: BYOL's, in torch (:func:`two_views`).
+parameters) over the global batch (:class:`CrossRankBatchNorm1d`), as the paper. Augmentations: BYOL's, in torch (:func:`two_views`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,50 @@ from torch import nn
 from vision.augment import random_resized_crop
 
 
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: every rank's output
+    depends on every rank's input."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+class CrossRankBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm over the whole global batch: in training, with several ranks, the batch
+    statistics are all-reduced (differentiably), as MoCo v3's SyncBatchNorm, so no rank's keys
+    are normalised by its own batch alone; on CPU too, where ``nn.SyncBatchNorm`` is refused.
+    One process, or evaluation: plain BatchNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return super().forward(x)
+        channels = x.shape[1]
+        local = torch.cat([x.sum(0), (x * x).sum(0), x.new_tensor([float(x.shape[0])])])
+        total = _SumAcrossRanks.apply(local)
+        count = total[-1]
+        mean = total[:channels] / count
+        var = (total[channels: 2 * channels] / count - mean * mean).clamp_min(0.0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.mul_(1 - self.momentum).add_(mean.detach(), alpha=self.momentum)
+            unbiased = var.detach() * count / (count - 1).clamp_min(1.0)
+            self.running_var.mul_(1 - self.momentum).add_(unbiased, alpha=self.momentum)
+        out = (x - mean) / torch.sqrt(var + self.eps)
+        return out * self.weight + self.bias if self.affine else out
+
+
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int, last_bn: bool = True) -> nn.Sequential:
+    """MoCo v3's MLP: linear layers without bias, BatchNorm + ReLU between them, and a last
+    BatchNorm without affine parameters."""
     modules: list[nn.Module] = []
     width = in_dim
     for index in range(layers):
@@ -30,9 +73,9 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int, last_bn: bool = Tru
         out = out_dim if last else hidden
         modules.append(nn.Linear(width, out, bias=False))
         if not last:
-            modules += [nn.BatchNorm1d(out), nn.ReLU(inplace=True)]
+            modules += [CrossRankBatchNorm1d(out), nn.ReLU(inplace=True)]
         elif last_bn:
-            modules.append(nn.BatchNorm1d(out, affine=False))
+            modules.append(CrossRankBatchNorm1d(out, affine=False))
         width = out
     return nn.Sequential(*modules)
 
@@ -43,7 +86,7 @@ class MoCoV3(nn.Module):
         self.temperature = temperature
         self.base = backbone
         self.base.head = mlp(backbone.embed_dim, mlp_dim, dim, 3)
-        self.predictor = mlp(dim, mlp_dim, dim, 2, last_bn=False)
+        self.predictor = mlp(dim, mlp_dim, dim, 2)  # ViTs keep the last BatchNorm (ResNets drop it)
         self.momentum = copy.deepcopy(self.base)
         for parameter in self.momentum.parameters():
             parameter.requires_grad_(False)
@@ -75,8 +118,9 @@ class MoCoV3(nn.Module):
         return self.contrastive(q1, k2) + self.contrastive(q2, k1)
 
     def backbone_state(self) -> dict[str, torch.Tensor]:
-        """The momentum encoder's backbone (MoCo v3 releases that one), without the projector."""
-        return {name: value for name, value in self.momentum.state_dict().items() if not name.startswith("head.")}
+        """The base encoder's backbone, without the projector: what MoCo v3 hands to linear
+        probing and fine-tuning."""
+        return {name: value for name, value in self.base.state_dict().items() if not name.startswith("head.")}
 
 
 def momentum_at(step: int, total: int, base: float = 0.99) -> float:
