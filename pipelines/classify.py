@@ -230,13 +230,13 @@ def build_model(settings: ModelSettings, weights: bytes | None = None):
         source = (torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True) if weights is not None
                   else settings.pretrained)
     if settings.name in vit.FACTORIES:
-        model = (vit.build_pretrained(settings.name, source, **kwargs) if source is not None
+        model = (vit.build_pretrained(settings.name, source, label=settings.pretrained, **kwargs) if source is not None
                  else vit.FACTORIES[settings.name](**kwargs))
         model.mask_token.requires_grad_(False)  # masked image modelling's; unused here (DDP needs every grad)
     else:
         model = cswin.FACTORIES[settings.name](**kwargs)
         if source is not None:
-            cswin.load_checkpoint(model, source)
+            cswin.load_checkpoint(model, source, label=settings.pretrained)
     if settings.linear_probe:
         head = model.head
         for parameter in model.parameters():

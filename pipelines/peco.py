@@ -806,10 +806,12 @@ class PecoChainSpec(ExperimentSpec):
                 perceptual["model"] = upstream["moco"]
             body["perceptual"] = perceptual
         elif stage == "mim":
-            body.setdefault("tokenizer", upstream["tokenizer"])
+            if body.get("tokenizer") is None:  # absent or null: the upstream output
+                body["tokenizer"] = upstream["tokenizer"]
         elif stage in ("linear_probe", "finetune"):
             model = dict(body.get("model") or {})
-            model.setdefault("pretrained", upstream["mim"])
+            if model.get("pretrained") is None:  # absent or null: the MIM backbone
+                model["pretrained"] = upstream["mim"]
             model.setdefault("linear_probe", stage == "linear_probe")
             body["model"] = model
         from pydantic import ValidationError
@@ -870,8 +872,8 @@ class PecoChainPipeline(Pipeline):
             raise ValueError("a peco chain runs as a local run or a Ray Job (each stage its own MLflow run), not in Tune")
         if session.restore_from:
             raise ValueError("--restore resumes one Ray Train run: restore the stage's own spec (peco-mim, ...) from "
-                             "its checkpoint (the child run's raysmith.checkpoint tag), and run the later stages with "
-                             "stages=[...] and the *_model fields")
+                             "its checkpoint (the child run's raysmith.latest_checkpoint tag), and run the later "
+                             "stages with stages=[...] and the *_model fields")
         parent = session.tracker
         outputs: dict[str, str] = {}
         summary: dict[str, Any] = {}

@@ -147,7 +147,7 @@ def fit_and_report(make_trainer, session: Session, score: str) -> tuple[Any, dic
     try:
         while worker.is_alive() or not channel.empty():
             try:
-                metrics, _ = channel.get(timeout=0.5)
+                metrics, checkpoint_path = channel.get(timeout=0.5)
             except queue_module.Empty:
                 continue
             except Exception:  # the queue actor's own Empty
@@ -155,6 +155,9 @@ def fit_and_report(make_trainer, session: Session, score: str) -> tuple[Any, dic
                     break
                 continue
             last = metrics
+            tracker = getattr(session, "tracker", None)  # a local run: where to --restore from, as it goes
+            if checkpoint_path and tracker is not None:
+                tracker.set_tags({"raysmith.latest_checkpoint": str(checkpoint_path)})
             value = metrics.get(score)
             if value is not None:
                 best = value if best is None else max(best, value)

@@ -215,6 +215,9 @@ def test_pretrained_backbone_hands_over_to_fine_tuning_and_linear_probing(tmp_pa
     torch.save({"backbone": vit_base_patch16_224(num_classes=0).state_dict()}, wrong)
     with pytest.raises(ValueError, match="does not fit this ViT.*other shapes.*nothing was loaded"):
         load_backbone(vit_nano_patch4_32(num_classes=10), wrong)
+    # the workers get the file's bytes; errors still name the file
+    with pytest.raises(ValueError, match=r"wrong.pt does not fit this ViT"):
+        build_model(ModelSettings(name="vit_nano_patch4_32", pretrained=str(wrong)), weights=wrong.read_bytes())
     # weights the model has no place for are refused, not dropped (a layer-scale checkpoint into a plain ViT)
     with pytest.raises(ValueError, match=r"4 without a place in it \(blocks.0.gamma_1"):
         load_backbone(vit_nano_patch4_32(num_classes=10), path)

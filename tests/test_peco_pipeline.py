@@ -61,6 +61,12 @@ def test_bad_chains_are_refused_before_ray(tmp_path, folder):
         load_spec(chain_spec(tmp_path, folder, stages=["mim", "linear_probe"]))
     with pytest.raises(SpecError, match="tokenizer_model: no such file"):
         load_spec(chain_spec(tmp_path, folder, stages=["mim"], tokenizer_model=str(tmp_path / "none.pt")))
+    # an explicit null in a stage body still takes the upstream stage's output
+    probe = {"model": {"name": "vit_nano_patch4_32", "num_classes": 10, "pretrained": None},
+             "data": {"source": "digits"}, "train": {"epochs": 1}}
+    chain = load_spec(chain_spec(tmp_path, folder, linear_probe=probe)).spec
+    assert chain.stage_spec("linear_probe", {"mim": "runs:/abc/model/backbone.pt"}).model.pretrained == \
+        "runs:/abc/model/backbone.pt"
     with pytest.raises(SpecError, match="mim.tokenizer is set, but the tokenizer stage runs in this chain"):
         load_spec(chain_spec(tmp_path, folder, mim={"tokenizer": "runs:/abc/model/tokenizer.pt", "train": {"epochs": 1}}))
     with pytest.raises(SpecError, match="'val/loss' cannot rank checkpoints.*higher is better: epoch, val/accuracy"):
@@ -95,7 +101,8 @@ def test_four_stage_chain_on_two_workers_then_a_stage_alone(tmp_path, folder):
     mim_spec = chain.stage_spec("mim", {"tokenizer": f"runs:/{tokenizer_run}/model/tokenizer.pt"}).model_dump(mode="json")
     mim_spec["train"]["epochs"] = 2
     mim_file = write_spec(tmp_path, "mim.yaml", yaml.safe_dump(mim_spec))
-    again = run_local(load_spec(mim_file), restore=by_stage["mim"].data.tags["raysmith.checkpoint"])
+    assert by_stage["mim"].data.tags["raysmith.latest_checkpoint"] == by_stage["mim"].data.tags["raysmith.checkpoint"]
+    again = run_local(load_spec(mim_file), restore=by_stage["mim"].data.tags["raysmith.latest_checkpoint"])
     [epoch] = client.get_metric_history(again.run_id, "epoch")
     assert epoch.value == 2 and epoch.step == 2  # epoch 1 came from the checkpoint
     [step] = client.get_metric_history(again.run_id, "step")

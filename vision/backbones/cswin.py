@@ -367,10 +367,12 @@ CHECKPOINT_KEYS = ("state_dict_ema", "state_dict", "model")
 reference's training script saves both the EMA and the raw weights; EMA is what it releases)."""
 
 
-def load_checkpoint(model: nn.Module, path: str | Path | dict, key: str | None = None) -> dict[str, Any]:
+def load_checkpoint(model: nn.Module, path: str | Path | dict, key: str | None = None,
+                    label: Any = None) -> dict[str, Any]:
     """Load a reference (or raysmith) CSWin checkpoint into ``model``, strictly.
 
-    The file is read with ``weights_only=True`` (``path`` may also be its loaded contents). Its weights are taken from ``key`` if given,
+    The file is read with ``weights_only=True`` (``path`` may also be its loaded contents, named
+    ``label`` in errors). Its weights are taken from ``key`` if given,
     else from the first of :data:`CHECKPOINT_KEYS` present, else the file is the state dict
     itself; a ``module.`` prefix (DistributedDataParallel) is removed. Missing or unexpected
     parameter names, or shapes that differ, raise ``ValueError`` listing them: nothing is
@@ -378,7 +380,7 @@ def load_checkpoint(model: nn.Module, path: str | Path | dict, key: str | None =
     """
     checkpoint_data = path if isinstance(path, dict) else torch.load(Path(path), map_location="cpu", weights_only=True)
     if isinstance(path, dict):
-        path = "the checkpoint"
+        path = label or "the checkpoint"
     if not isinstance(checkpoint_data, dict):
         raise ValueError(f"{path}: expected a dict of weights, got {type(checkpoint_data).__name__}")
     if key is not None:

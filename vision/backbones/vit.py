@@ -179,16 +179,16 @@ def backbone_weights(source: str | Path | dict) -> tuple[dict[str, torch.Tensor]
     return state, extra
 
 
-def build_pretrained(factory: str, source: str | Path | dict, **kwargs: Any) -> VisionTransformer:
+def build_pretrained(factory: str, source: str | Path | dict, label: Any = None, **kwargs: Any) -> VisionTransformer:
     """``FACTORIES[factory](**kwargs)`` with the checkpoint's layer-scale (present or not) and
-    its backbone weights loaded (:func:`load_backbone`)."""
+    its backbone weights loaded (:func:`load_backbone`); errors name ``label`` (the file)."""
     state, _ = backbone_weights(source)
     if any(name.endswith(".gamma_1") for name in state):
         kwargs["layer_scale_init"] = 0.1  # any value: the checkpoint's gammas replace it
     else:
         kwargs.pop("layer_scale_init", None)
     model = FACTORIES[factory](**kwargs)
-    load_backbone(model, {"backbone": state}, source if not isinstance(source, dict) else "the checkpoint")
+    load_backbone(model, {"backbone": state}, label or (source if not isinstance(source, dict) else "the checkpoint"))
     return model
 
 
