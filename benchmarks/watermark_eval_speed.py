@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, help="images per actor call (default: the spec's)")
     args = parser.parse_args()
 
     import ray
@@ -47,7 +48,8 @@ def main() -> None:
                for name in args.methods]
     spec = load_spec(ROOT / "pipelines" / "configs" / "watermark_peers_photos.yaml",
                      [f"methods=[{', '.join(methods)}]", f"data.count={args.images}", f"inference.actors={args.actors}",
-                      f"inference.cpus_per_actor={args.cpus / args.actors:g}"]).spec
+                      f"inference.cpus_per_actor={args.cpus / args.actors:g}"]
+                     + ([f"inference.batch_size={args.batch_size}"] if args.batch_size else [])).spec
     paths = image_paths(spec.data)
 
     def loop() -> float:

@@ -4,9 +4,12 @@
    Q50 / JpegMask / identity) and the HiDDeN-style baseline (the same spec with
    ``model.preset=hidden_tiny`` and one noise layer, the differentiable JPEG at Q50) with the
    ``watermark-train`` pipeline, ``--epochs`` each.
+   With ``--diffusion`` also MBRS's diffusion variant (``mbrs_tiny_diffusion``) trained for
+   crops (``watermark_mbrs_tiny_diffusion.yaml``: MBRS's Crop, real JPEG Q50, identity).
 2. Runs the ``watermark-eval`` grid (``watermark_peers_photos.yaml``'s attacks) on crops of
-   bundled photographs that neither model trained on, for the two models and dwtDct,
-   dwtDctSvd and RivaGAN.
+   bundled photographs that no model trained on, for the models and dwtDct, dwtDctSvd and
+   RivaGAN. ``--strengths`` adds MBRS at lower embedding strengths (``mbrs@0.3``: residual x
+   0.3), which raises its PSNR, so it can be compared with the peers at equal PSNR.
 3. Prints, per method, PSNR, SSIM and the bit error rate under each attack.
 
 Sizes differ by necessity: the tiny models work at 32 x 32 with 16 bits (what 2 CPU cores
@@ -14,6 +17,7 @@ train in minutes), invisible-watermark refuses images under 256 x 256 and carrie
 each method sees the same held-out crops brought to its size.
 
     python benchmarks/watermark_robustness.py --epochs 10 --images 24
+    python benchmarks/watermark_robustness.py --epochs 30 --images 24 --strengths 1 0.5 0.3 0.25 --diffusion
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ def main() -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=100)
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--peers", nargs="*", default=["dwtDct", "dwtDctSvd", "rivaGan"])
+    parser.add_argument("--strengths", nargs="+", type=float, default=[1.0],
+                        help="MBRS embedding strengths to evaluate (1 = as trained)")
+    parser.add_argument("--diffusion", action="store_true", help="also train and evaluate the diffusion variant")
     args = parser.parse_args()
 
     import pandas as pd
@@ -49,12 +56,21 @@ def main() -> None:
     common = [tracking, f"output_dir={work}/runs", f"train.epochs={args.epochs}",
               f"train.steps_per_epoch={args.steps_per_epoch}"]
     checkpoints = {}
-    for label, extra in (("mbrs", []), ("hidden", ["model.preset=hidden_tiny", "noise=[{diff_jpeg: {quality: 50}}]",
-                                                    "name=watermark-hidden-tiny"])):
-        outcome = run_local(load_spec(configs / "watermark_mbrs_tiny.yaml", common + extra))
+    models = [("mbrs", "watermark_mbrs_tiny.yaml", []),
+              ("hidden", "watermark_mbrs_tiny.yaml", ["model.preset=hidden_tiny", "noise=[{diff_jpeg: {quality: 50}}]",
+                                                      "name=watermark-hidden-tiny"])]
+    if args.diffusion:
+        models.append(("diffusion", "watermark_mbrs_tiny_diffusion.yaml", []))
+    for label, spec_file, extra in models:
+        outcome = run_local(load_spec(configs / spec_file, common + extra))
         checkpoints[label] = outcome.summary["method_checkpoint"]
         print(f"{label}: trained, {outcome.summary}", flush=True)
-    methods = [f"{{name: mbrs, checkpoint: {checkpoints['mbrs']}}}", f"{{name: hidden, checkpoint: {checkpoints['hidden']}}}"]
+    methods = [f"{{name: mbrs, checkpoint: {checkpoints['mbrs']}}}"]
+    methods += [f"{{name: mbrs, checkpoint: {checkpoints['mbrs']}, strength: {strength:g}, label: 'mbrs@{strength:g}'}}"
+                for strength in args.strengths if strength != 1.0]
+    methods += [f"{{name: hidden, checkpoint: {checkpoints['hidden']}}}"]
+    if args.diffusion:
+        methods += [f"{{name: mbrs, checkpoint: {checkpoints['diffusion']}, label: mbrs-diffusion}}"]
     methods += [f"{{name: {peer}, message_length: 32}}" for peer in args.peers]
     grid = run_local(load_spec(configs / "watermark_peers_photos.yaml",
                                [tracking, f"output_dir={work}/runs", f"methods=[{', '.join(methods)}]",

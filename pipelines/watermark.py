@@ -421,9 +421,11 @@ METHOD_FILE = "mbrs.pt"
 
 
 class WatermarkModelSettings(SpecModel):
-    preset: Literal["mbrs_128_64", "mbrs_128_30_diffusion", "mbrs_256_256", "mbrs_tiny", "hidden_tiny"] = "mbrs_tiny"
+    preset: Literal["mbrs_128_64", "mbrs_128_30_diffusion", "mbrs_256_256", "mbrs_tiny", "mbrs_tiny_diffusion",
+                    "hidden_tiny"] = "mbrs_tiny"
     """The paper's presets (128 px with 64 bits; 128 px with 30 bits, diffusion; 256 px with 256
-    bits) or the 32 px, 16-bit tiny ones; ``hidden_tiny`` is the baseline without SE blocks."""
+    bits) or the 32 px, 16-bit tiny ones (``mbrs_tiny_diffusion`` with the diffusion layer);
+    ``hidden_tiny`` is the baseline without SE blocks."""
     channels: int | None = Field(None, ge=4)
     """Override the preset's width (64 in the paper's presets)."""
 
@@ -437,12 +439,18 @@ class WatermarkTrainSettings(StepTrainSettings):
     message_weight: float = Field(10.0, ge=0.0)
     adversarial_weight: float = Field(1e-4, ge=0.0)
     val_jpeg_quality: int = Field(50, ge=1, le=100)
+    val_noise: Any = None
+    """A noise layer (as in ``noise``, one layer) that validation also decodes through, e.g.
+    ``{crop: {fraction: 0.25}}`` for a diffusion model; reported as ``val/ber_noise`` and
+    ``val/bit_accuracy_noise``, and ``val/rank`` then counts the bits read correctly through it
+    instead of through JPEG. Drawn from a fixed seed, so every epoch sees the same noise."""
 
 
 class WatermarkCheckpoints(SpecModel):
     keep: int = Field(2, ge=1)
-    score: Literal["val/rank", "val/bit_accuracy_jpeg", "val/bit_accuracy", "val/psnr"] = "val/rank"
-    """``val/rank`` orders by the validation bits read correctly under JPEG, then by PSNR
+    score: Literal["val/rank", "val/bit_accuracy_jpeg", "val/bit_accuracy_noise", "val/bit_accuracy", "val/psnr"] = "val/rank"
+    """``val/rank`` orders by the validation bits read correctly under JPEG (or through
+    ``train.val_noise`` when set), then by PSNR
     (``correct bits + min(PSNR, 99) / 100``): among equally accurate checkpoints the one that
     hides the bits best wins."""
 
@@ -517,6 +525,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     broadcast_from_rank_zero(model, world)
     per_worker = spec.train.batch_size // world
     jpeg = RealJpeg(spec.train.val_jpeg_quality)
+    val_noise = build_noise(spec.train.val_noise).to(device) if spec.train.val_noise is not None else None
     for epoch in range(start_epoch, spec.train.epochs):
         rng = np.random.default_rng([spec.seed, epoch, rank])
         noise_draws = np.random.default_rng([spec.seed, epoch])  # the same noise layer on every rank each step
@@ -558,6 +567,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             clean = bit_error_rate(model.decoder(marked), val_bits)
             compressed = bit_error_rate(model.decoder(jpeg(marked)), val_bits)
             quality = float(psnr(marked, val_images).mean())
+            if val_noise is not None:
+                torch.manual_seed(spec.seed + 7_777)  # the same draws every epoch (the next epoch reseeds)
+                noisy = bit_error_rate(model.decoder(val_noise(marked, val_images)), val_bits)
         steps = spec.train.steps_per_epoch
         metrics = {"epoch": epoch + 1, "train/loss": sums[0] / steps, "train/image_mse": sums[1] / steps,
                    "train/message_mse": sums[2] / steps, "train/discriminator_loss": sums[3] / steps,
@@ -565,6 +577,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    f"val/ber_jpeg{spec.train.val_jpeg_quality}": compressed, "val/bit_accuracy_jpeg": 1 - compressed,
                    "val/rank": round((1 - compressed) * val_bits.numel()) + min(quality, 99.0) / 100,
                    "time/train_s": elapsed}
+        if val_noise is not None:
+            metrics.update({"val/ber_noise": noisy, "val/bit_accuracy_noise": 1 - noisy,
+                            "val/rank": round((1 - noisy) * val_bits.numel()) + min(quality, 99.0) / 100})
         done = spec.train.time_limit_s is not None and elapsed >= spec.train.time_limit_s
         def write_checkpoint(folder: Path) -> None:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -595,6 +610,16 @@ class WatermarkTrainPipeline(Pipeline):
             build_noise(spec.noise)
         except (ValueError, TypeError) as err:
             return [Problem("noise", str(err))]
+        val_noise = spec.train.val_noise
+        if isinstance(val_noise, (list, tuple)):
+            return [Problem("train.val_noise", "one noise layer (a name or {name: options}), not a list")]
+        if val_noise is not None:
+            try:
+                build_noise(val_noise)
+            except (ValueError, TypeError) as err:
+                return [Problem("train.val_noise", str(err))]
+        if spec.checkpoint.score == "val/bit_accuracy_noise" and val_noise is None:
+            return [Problem("checkpoint.score", "val/bit_accuracy_noise needs train.val_noise (the noise to validate through)")]
         if spec.data.source == "folder" and not Path(spec.data.path).is_dir():
             return [Problem("data.path", f"no such folder: {spec.data.path}")]
         return []

@@ -17,6 +17,7 @@ from vision.watermark.mbrs import (
     mbrs_128_64,
     mbrs_losses,
     mbrs_tiny,
+    mbrs_tiny_diffusion,
     psnr,
 )
 from vision.watermark.noise import NOISE_LAYERS, Combined, DiffJpeg, JpegMask, RealJpeg, build_noise
@@ -57,6 +58,11 @@ def test_geometric_and_pixel_attacks_do_what_they_say(photo):
     assert (dropped != photo).any(-1).mean() == pytest.approx(0.3, abs=0.03)
     kept = attack(photo, "cropout", 0.25, seed=1, cover=inverse)
     assert (kept == photo).all(-1).mean() == pytest.approx(0.25, abs=0.02)
+    masked = attack(photo + (photo == 0), "crop_black", 0.25, seed=1)  # no black pixel of its own
+    assert (masked != 0).all(-1).mean() == pytest.approx(0.25, abs=0.02) and masked.shape == photo.shape
+    rows, cols = np.nonzero((masked != 0).all(-1))
+    assert (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) == len(rows)  # one rectangle, in place
+    assert np.array_equal(masked[rows, cols], (photo + (photo == 0))[rows, cols])
     peppered = attack(photo, "salt_pepper", 0.1, seed=2)
     assert (peppered != photo).any(-1).mean() == pytest.approx(0.1, abs=0.02)
     assert np.array_equal(attack(photo, "rotation", 0), photo)
@@ -147,8 +153,9 @@ def test_combined_draws_one_layer_per_batch_and_specs_build():
 # ----------------------------------------------------------------------------- MBRS
 
 def test_mbrs_presets_and_their_shapes():
-    for model, bits in ((mbrs_128_64(channels=8, blocks=2), 64), (mbrs_128_30_diffusion(channels=8, blocks=2), 30)):
-        cover = torch.rand(2, 3, 128, 128)
+    for model, bits in ((mbrs_128_64(channels=8, blocks=2), 64), (mbrs_128_30_diffusion(channels=8, blocks=2), 30),
+                        (mbrs_tiny_diffusion(), 16)):
+        cover = torch.rand(2, 3, model.size, model.size)
         message = torch.randint(0, 2, (2, bits))
         assert model.embed(cover, message).shape == cover.shape
         assert model.extract(cover).shape == (2, bits)

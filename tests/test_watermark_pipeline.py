@@ -89,14 +89,23 @@ def test_mbrs_trains_on_two_workers_and_its_checkpoint_is_an_evaluation_method(t
     spec = write_spec(tmp_path, "train.yaml", yaml.safe_dump({
         "kind": "watermark-train", "name": "mbrs-test", "seed": 0, "model": {"preset": "mbrs_tiny"},
         "noise": ["identity"], "data": {"source": "photos", "val_images": 32},
-        "train": {"epochs": 2, "steps_per_epoch": 40, "batch_size": 32},
+        "train": {"epochs": 2, "steps_per_epoch": 40, "batch_size": 32, "val_noise": {"crop": {"fraction": 0.5}}},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "output_dir": str(tmp_path / "runs")}))
+    for field, value, message in (("val_noise", ["identity", "crop"], "one noise layer"),
+                                  ("val_noise", {"crop": {"share": 0.5}}, "share"),
+                                  ("val_noise", "sharpen", "unknown noise layer 'sharpen'")):
+        bad = yaml.safe_load(spec.read_text())
+        bad["train"][field] = value
+        with pytest.raises(SpecError, match=message):
+            load_spec(write_spec(tmp_path, "bad.yaml", yaml.safe_dump(bad)))
     outcome = run_local(load_spec(spec))
     client = MlflowClient(outcome.tracking_uri)
     ber = [m.value for m in sorted(client.get_metric_history(outcome.run_id, "val/ber"), key=lambda m: m.step)]
     assert len(ber) == 2 and ber[-1] < 0.1  # chance is 0.5
-    assert "val/ber_jpeg50" in client.get_run(outcome.run_id).data.metrics
+    metrics = client.get_run(outcome.run_id).data.metrics
+    assert "val/ber_jpeg50" in metrics
+    assert 0 <= metrics["val/ber_noise"] <= 1 and metrics["val/bit_accuracy_noise"] == pytest.approx(1 - metrics["val/ber_noise"])
     method = build_method("mbrs", checkpoint=outcome.summary["method_checkpoint"])
     from vision.forensics.synthetic import photographs, real_video
 

@@ -13,6 +13,7 @@ strength, and :func:`chain` composes several.
 | ``crop`` | kept area fraction | centred crop (the size changes) |
 | ``crop_resize`` | kept area fraction | centred crop resized back to the original size |
 | ``cropout`` | kept area fraction | outside a random rectangle of that area, the cover image (or black) |
+| ``crop_black`` | kept area fraction | a random rectangle of that area kept in place, black elsewhere (MBRS's Crop) |
 | ``dropout`` | kept pixel fraction | other pixels replaced by the cover image's (or black) |
 | ``rotation`` | degrees | rotation about the centre, same size, black corners |
 | ``gaussian_blur`` | sigma | Gaussian blur |
@@ -100,6 +101,12 @@ def cropout(image: np.ndarray, fraction: float, seed: int = 0, cover: np.ndarray
     return out
 
 
+def crop_black(image: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """A random rectangle of ``fraction`` of the area kept where it is, every other pixel black:
+    the crop that MBRS's diffusion model is tested under (its ``Crop`` noise layer)."""
+    return cropout(image, fraction, seed=seed, cover=None)
+
+
 def dropout(image: np.ndarray, fraction: float, seed: int = 0, cover: np.ndarray | None = None) -> np.ndarray:
     """Keep each pixel with probability ``fraction``; the others come from the cover (or black)."""
     if not 0 <= fraction <= 1:
@@ -154,7 +161,7 @@ def identity(image: np.ndarray, strength: float = 0.0, seed: int = 0) -> np.ndar
 
 ATTACKS: dict[str, Callable[..., np.ndarray]] = {
     "identity": identity, "jpeg": jpeg, "resize": resize, "crop": crop, "crop_resize": crop_resize,
-    "cropout": cropout, "dropout": dropout, "rotation": rotation, "gaussian_blur": gaussian_blur,
+    "cropout": cropout, "crop_black": crop_black, "dropout": dropout, "rotation": rotation, "gaussian_blur": gaussian_blur,
     "gaussian_noise": gaussian_noise, "median_filter": median_filter, "brightness": brightness,
     "contrast": contrast, "salt_pepper": salt_pepper,
 }

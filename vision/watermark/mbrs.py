@@ -21,7 +21,8 @@ decoder that reads it back after noise, and a discriminator, in plain PyTorch.
 noise layer in training that is the HiDDeN-style baseline (Zhu et al., ECCV 2018).
 Presets: :func:`mbrs_128_64` (128 x 128, 64 bits), :func:`mbrs_128_30_diffusion`
 (128 x 128, 30 bits, diffusion), :func:`mbrs_256_256` (256 x 256, 256 bits), and
-:func:`mbrs_tiny` (32 x 32, 16 bits, 16 channels) for tests on 2 cores.
+:func:`mbrs_tiny` (32 x 32, 16 bits, 16 channels) and :func:`mbrs_tiny_diffusion` (the same with
+the diffusion layer) for tests and benchmarks on 2 cores.
 """
 
 from __future__ import annotations
@@ -232,6 +233,11 @@ def mbrs_256_256(**kwargs) -> MBRS:
 
 def mbrs_tiny(**kwargs) -> MBRS:
     return MBRS(32, 16, **{"channels": 16, "blocks": 2, **kwargs})
+
+
+def mbrs_tiny_diffusion(**kwargs) -> MBRS:
+    """The diffusion variant at the tiny size: 16 bits spread over a 16 x 16 map of a 32 x 32 image."""
+    return MBRS(32, 16, **{"channels": 16, "blocks": 2, "diffusion": True, **kwargs})
 
 
 def hidden_tiny(**kwargs) -> MBRS:
