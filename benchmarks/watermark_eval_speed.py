@@ -7,7 +7,13 @@ in this process (torch and NumPy with their default threads); the pipeline runs 
 actor pool of ``--actors`` actors on a local Ray with ``--cpus`` CPUs (start-up of Ray
 excluded, the actor pool's included). Medians over ``--repeats`` round-robin repeats.
 
-    python benchmarks/watermark_eval_speed.py --images 24 --repeats 3
+Two figures come out. End to end: images / wall time of the whole run, the pool's start-up
+(actors importing torch and building the methods, ~3 s here) included. Steady state: each
+side also runs the first ``--small`` images, and the rate is the added images over the added
+time, ``(images - small) / (t(images) - t(small))``: the throughput a long evaluation
+approaches, with the fixed start-up (``t(images) - images / rate``) printed beside it.
+
+    python benchmarks/watermark_eval_speed.py --images 64 --small 16 --repeats 3
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--small", type=int, default=16, help="the smaller run for the steady-state rate (0: none)")
     parser.add_argument("--methods", nargs="+", default=["dwtDct", "dwtDctSvd", "mbrs"])
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--actors", type=int, default=2)
@@ -52,34 +59,50 @@ def main() -> None:
                      + ([f"inference.batch_size={args.batch_size}"] if args.batch_size else [])).spec
     paths = image_paths(spec.data)
 
-    def loop() -> float:
+    def loop(count: int) -> float:
         started = time.perf_counter()
         worker = GridWorker(spec.model_dump(mode="json"), threads=torch.get_num_threads())
         rows = 0
-        for start in range(0, len(paths), spec.inference.batch_size):
-            chunk = paths[start: start + spec.inference.batch_size]
+        for start in range(0, count, spec.inference.batch_size):
+            chunk = paths[start: min(count, start + spec.inference.batch_size)]
             out = worker({"index": list(range(start, start + len(chunk))), "path": chunk})
             rows += len(out["path"])
-        assert rows == len(paths) * len(spec.methods) * sum(len(a.strengths) for a in spec.attacks)
+        assert rows == count * len(spec.methods) * sum(len(a.strengths) for a in spec.attacks)
         return time.perf_counter() - started
+
+    def pool(count: int) -> float:
+        started = time.perf_counter()
+        frame = run_grid(spec, paths[:count])
+        elapsed = time.perf_counter() - started
+        assert (frame["error"] == "").all() and len(frame) == count * len(spec.methods) * sum(
+            len(a.strengths) for a in spec.attacks)
+        return elapsed
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="warning")
     run_grid(spec, paths[:2])  # warm Ray Data up
-    times: dict[str, list[float]] = {"loop": [], "ray": []}
+    sizes = [len(paths)] + ([args.small] if 0 < args.small < len(paths) else [])
+    times: dict[tuple[str, int], list[float]] = {(side, size): [] for side in ("loop", "ray") for size in sizes}
     for repeat in range(args.repeats):
-        times["loop"].append(loop())
-        started = time.perf_counter()
-        frame = run_grid(spec, paths)
-        times["ray"].append(time.perf_counter() - started)
-        assert (frame["error"] == "").all()
-        print(f"repeat {repeat + 1}: loop {times['loop'][-1]:.1f} s, ray {times['ray'][-1]:.1f} s", flush=True)
+        for size in sizes:
+            times["loop", size].append(loop(size))
+            times["ray", size].append(pool(size))
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{side} {size} images {values[-1]:.1f} s"
+                                                   for (side, size), values in times.items()), flush=True)
     ray.shutdown()
-    loop_s, ray_s = statistics.median(times["loop"]), statistics.median(times["ray"])
+    median = {key: statistics.median(values) for key, values in times.items()}
+    count = len(paths)
     cells = len(spec.methods) * sum(len(a.strengths) for a in spec.attacks)
-    print(f"\n{len(paths)} images x {cells} (method, attack, strength) cells:")
-    print(f"  single-process loop ({torch.get_num_threads()} math threads): {len(paths) / loop_s:6.2f} images/s")
-    print(f"  Ray Data, {args.cpus} CPUs, {args.actors} actors:        {len(paths) / ray_s:6.2f} images/s")
-    print(f"  ratio: {loop_s / ray_s:.2f}x")
+    print(f"\n{count} images x {cells} (method, attack, strength) cells, batch size {spec.inference.batch_size}:")
+    print(f"  end to end:   single-process loop ({torch.get_num_threads()} math threads) {count / median['loop', count]:6.2f} "
+          f"images/s; Ray Data ({args.cpus} CPUs, {args.actors} actors) {count / median['ray', count]:6.2f} images/s; "
+          f"ratio {median['loop', count] / median['ray', count]:.2f}x")
+    if len(sizes) > 1:
+        small = sizes[1]
+        rate = {side: (count - small) / (median[side, count] - median[side, small]) for side in ("loop", "ray")}
+        fixed = {side: median[side, count] - count / rate[side] for side in ("loop", "ray")}
+        print(f"  steady state ({small} -> {count} images): loop {rate['loop']:6.2f} images/s (fixed "
+              f"{fixed['loop']:.1f} s); Ray Data {rate['ray']:6.2f} images/s (fixed {fixed['ray']:.1f} s); "
+              f"ratio {rate['ray'] / rate['loop']:.2f}x")
 
 
 if __name__ == "__main__":

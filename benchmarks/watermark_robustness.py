@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--strengths", nargs="+", type=float, default=[1.0],
                         help="MBRS embedding strengths to evaluate (1 = as trained)")
     parser.add_argument("--diffusion", action="store_true", help="also train and evaluate the diffusion variant")
+    parser.add_argument("--checkpoints", nargs="*", default=[], metavar="MODEL=PATH",
+                        help="skip training a model (mbrs, hidden, diffusion): evaluate this mbrs.pt instead")
     args = parser.parse_args()
 
     import pandas as pd
@@ -61,12 +63,16 @@ def main() -> None:
                                                       "name=watermark-hidden-tiny"])]
     if args.diffusion:
         models.append(("diffusion", "watermark_mbrs_tiny_diffusion.yaml", []))
+    given = dict(item.split("=", 1) for item in args.checkpoints)
     for label, spec_file, extra in models:
+        if label in given:
+            checkpoints[label] = given[label]
+            continue
         outcome = run_local(load_spec(configs / spec_file, common + extra))
         checkpoints[label] = outcome.summary["method_checkpoint"]
         print(f"{label}: trained, {outcome.summary}", flush=True)
     methods = [f"{{name: mbrs, checkpoint: {checkpoints['mbrs']}}}"]
-    methods += [f"{{name: mbrs, checkpoint: {checkpoints['mbrs']}, strength: {strength:g}, label: 'mbrs@{strength:g}'}}"
+    methods += [f"{{name: mbrs, checkpoint: {checkpoints['mbrs']}, strength: {strength:g}, label: mbrs-s{strength:g}}}"
                 for strength in args.strengths if strength != 1.0]
     methods += [f"{{name: hidden, checkpoint: {checkpoints['hidden']}}}"]
     if args.diffusion:

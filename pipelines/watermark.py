@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -75,18 +76,27 @@ TRAINING_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_fiel
 class MethodSettings(SpecModel):
     name: Literal["mbrs", "hidden", "dwtDct", "dwtDctSvd", "rivaGan"]
     checkpoint: str | None = None
-    """``mbrs``/``hidden``: a checkpoint written by ``vision.watermark.methods.save_mbrs``."""
+    """``mbrs``/``hidden``: a checkpoint written by ``vision.watermark.methods.save_mbrs`` (e.g.
+    a ``watermark-train`` run's ``mbrs.pt``), or ``builtin:<name>``: weights shipped in
+    ``vision/watermark/weights/`` (``builtin:mbrs_tiny_jpeg``, ``builtin:mbrs_tiny_diffusion_crop``)."""
     strength: float = Field(1.0, gt=0.0)
     """``mbrs``/``hidden``: residual scale at embedding."""
     message_length: int = Field(32, ge=1)
     """invisible-watermark methods (RivaGAN: 32); MBRS's comes from its checkpoint."""
     label: str | None = None
-    """Name in the results (default: ``name``; set it to compare two checkpoints)."""
+    """Name in the results (default: ``name``; set it to compare two checkpoints or strengths).
+    Letters, digits, ``_ . : -`` only: it names MLflow metrics (``ber/<label>/...``)."""
 
     @model_validator(mode="after")
     def _checkpoint(self) -> "MethodSettings":
+        if self.label is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]+", self.label):
+            raise ValueError(f"label {self.label!r} may only hold letters, digits and _ . : - (it names MLflow metrics)")
         if self.name in ("mbrs", "hidden") and not self.checkpoint:
-            raise ValueError(f"method {self.name} needs a checkpoint")
+            raise ValueError(f"method {self.name} needs a checkpoint (a file, or builtin:<name> for shipped weights)")
+        if self.checkpoint and self.checkpoint.startswith("builtin:"):
+            from vision.watermark.methods import resolve_checkpoint
+
+            resolve_checkpoint(self.checkpoint)  # an unknown name lists the shipped ones
         return self
 
 
@@ -327,11 +337,10 @@ class WatermarkEvalPipeline(Pipeline):
     key_metrics = ("grid/rows", "grid/errors", "grid/images")
 
     def check(self, spec: WatermarkEvalSpec) -> list[Problem]:
-        from vision.watermark.attacks import ATTACKS
-
         import numpy as np
 
-        from vision.watermark.attacks import attack, chain
+        from vision.watermark.attacks import ATTACKS, attack, chain
+        from vision.watermark.methods import resolve_checkpoint
 
         known = [*ATTACKS, "jpeg420", "jpeg444"]
         probe = np.full((64, 64, 3), 128, dtype=np.uint8)
@@ -348,7 +357,7 @@ class WatermarkEvalPipeline(Pipeline):
                 except (ValueError, IndexError) as err:
                     return [Problem(f"attacks.{index}", f"{settings.label()} at strength {strength:g}: {err}")]
         for index, method in enumerate(spec.methods):
-            if method.checkpoint and not Path(method.checkpoint).is_file():
+            if method.checkpoint and not resolve_checkpoint(method.checkpoint).is_file():
                 return [Problem(f"methods.{index}.checkpoint", f"no such file: {method.checkpoint}")]
             if method.name in ("dwtDct", "dwtDctSvd", "rivaGan"):
                 try:

@@ -216,6 +216,44 @@ def test_mbrs_method_restores_from_its_checkpoint(tmp_path, photo):
         build_method("stegastamp")
 
 
+def test_shipped_weights_carry_their_message_through_what_they_were_trained_for():
+    """The built-in MBRS weights on crops of photographs none of them trained on: the JPEG model
+    reads its bits back after JPEG Q50; the diffusion model after MBRS's Crop (a quarter of the
+    image kept, black elsewhere), which the plain model cannot survive."""
+    import skimage.data
+
+    from vision.watermark.methods import builtin_weights, build_method
+
+    assert {"mbrs_tiny_jpeg", "mbrs_tiny_diffusion_crop"} <= set(builtin_weights())
+    jpeg_model = build_method("mbrs", checkpoint="builtin:mbrs_tiny_jpeg")
+    crop_model = build_method("mbrs", checkpoint="builtin:mbrs_tiny_diffusion_crop")
+    rng = np.random.default_rng(0)
+    pictures = [skimage.data.retina(), skimage.data.immunohistochemistry(), skimage.data.colorwheel()[..., :3]]
+    covers = []
+    for index in range(24):
+        picture = pictures[index % len(pictures)]
+        top, left = rng.integers(0, picture.shape[0] - 96), rng.integers(0, picture.shape[1] - 96)
+        crop_ = np.ascontiguousarray(picture[top: top + 96, left: left + 96])
+        covers.append(np.asarray(Image.fromarray(crop_).resize((32, 32), Image.LANCZOS)))
+
+    def errors(method, attack_name, strength):
+        wrong, quality = [], []
+        for index, cover in enumerate(covers):
+            bits = rng.integers(0, 2, 16)
+            marked = method.embed(cover, bits)
+            quality.append(float(psnr(to_tensor(marked), to_tensor(cover))))
+            wrong.append(np.mean(method.extract(attack(marked, attack_name, strength, seed=index)) != bits))
+        return float(np.mean(wrong)), float(np.mean(quality))
+
+    jpeg_ber, jpeg_psnr = errors(jpeg_model, "jpeg420", 50)
+    assert jpeg_ber <= 0.02 and jpeg_psnr > 24.0  # chance is 0.5
+    crop_ber, _ = errors(crop_model, "crop_black", 0.25)
+    plain_crop_ber, _ = errors(jpeg_model, "crop_black", 0.25)
+    assert crop_ber <= 0.03 and plain_crop_ber > crop_ber + 0.2
+    with pytest.raises(ValueError, match="no built-in MBRS weights 'mbrs_huge'; available: builtin:mbrs_tiny"):
+        build_method("mbrs", checkpoint="builtin:mbrs_huge")
+
+
 @pytest.mark.parametrize("kind", ["dwtDct", "dwtDctSvd", "rivaGan"])
 def test_invisible_watermark_adapter_round_trips_a_message(photo, kind):
     from vision.watermark.methods import build_method

@@ -57,6 +57,11 @@ def test_bad_grid_specs_are_refused_before_ray(tmp_path, inputs):
         load_spec(grid_spec(tmp_path, checkpoint, folder, attacks=[{"name": "jpeg"}]))
     with pytest.raises(SpecError, match=r"methods \['mbrs'\] appear twice"):
         load_spec(grid_spec(tmp_path, checkpoint, folder, methods=[{"name": "mbrs", "checkpoint": str(checkpoint)}] * 2))
+    with pytest.raises(SpecError, match=r"label 'mbrs@0.5' may only hold letters, digits and _ \. : -"):
+        load_spec(grid_spec(tmp_path, checkpoint, folder, methods=[{"name": "mbrs", "checkpoint": str(checkpoint),
+                                                                    "strength": 0.5, "label": "mbrs@0.5"}]))
+    with pytest.raises(SpecError, match="no built-in MBRS weights 'mbrs_huge'; available: builtin:mbrs_tiny"):
+        load_spec(grid_spec(tmp_path, checkpoint, folder, methods=[{"name": "mbrs", "checkpoint": "builtin:mbrs_huge"}]))
     with pytest.raises(SpecError, match="RivaGAN carries exactly 32 bits"):
         load_spec(grid_spec(tmp_path, checkpoint, folder, methods=[{"name": "rivaGan", "message_length": 64}]))
 

@@ -8,6 +8,8 @@ to it first and says so. Methods:
 - :class:`MBRSMethod`: an :class:`~vision.watermark.mbrs.MBRS` model (ours; also the
   HiDDeN-style baseline, which is the same class without SE blocks), from a checkpoint
   written by :func:`save_mbrs` or a model in memory; ``strength`` scales the residual.
+  ``builtin:<name>`` names weights shipped in ``vision/watermark/weights/`` (see the README
+  there for the command that trained each).
   An image of another size (after a resize or crop attack) is resized back to
   ``image_size`` before decoding.
 - :class:`InvisibleWatermarkMethod`: the ``invisible-watermark`` package's ``dwtDct``,
@@ -38,6 +40,28 @@ class WatermarkMethod(ABC):
         """uint8 RGB of any size -> ``message_length`` bits in {0, 1}."""
 
 
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+BUILTIN = "builtin:"
+
+
+def builtin_weights() -> list[str]:
+    """Names of the MBRS weights that ship with raysmith (``builtin:<name>``)."""
+    return sorted(path.stem for path in WEIGHTS.glob("*.pt"))
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A checkpoint path; ``builtin:<name>`` is the shipped ``weights/<name>.pt``."""
+    text = str(checkpoint)
+    if not text.startswith(BUILTIN):
+        return Path(checkpoint)
+    name = text[len(BUILTIN):]
+    path = WEIGHTS / f"{name}.pt"
+    if not path.is_file():
+        raise ValueError(f"no built-in MBRS weights '{name}'; available: "
+                         f"{', '.join(BUILTIN + n for n in builtin_weights()) or 'none'}")
+    return path
+
+
 def save_mbrs(model, path: str | Path, **extra) -> Path:
     """A checkpoint :class:`MBRSMethod` reads: weights and the constructor's arguments."""
     import torch
@@ -58,7 +82,7 @@ class MBRSMethod(WatermarkMethod):
         if model is None:
             if checkpoint is None:
                 raise ValueError("MBRSMethod needs a model or a checkpoint")
-            state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+            state = torch.load(resolve_checkpoint(checkpoint), map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or "mbrs" not in state:
                 raise ValueError(f"{checkpoint} is not an MBRS checkpoint (no 'mbrs' settings); write it with save_mbrs")
             model = MBRS(**state["mbrs"])
