@@ -8,10 +8,11 @@ actor pool of ``--actors`` actors on a local Ray with ``--cpus`` CPUs (start-up 
 excluded, the actor pool's included). Medians over ``--repeats`` round-robin repeats.
 
 Two figures come out. End to end: images / wall time of the whole run, the pool's start-up
-(actors importing torch and building the methods, ~3 s here) included. Steady state: each
-side also runs the first ``--small`` images, and the rate is the added images over the added
-time, ``(images - small) / (t(images) - t(small))``: the throughput a long evaluation
-approaches, with the fixed start-up (``t(images) - images / rate``) printed beside it.
+included (Ray Data starting the actors' processes, the actors importing torch and building
+the methods: ~3 s here). Steady state: each side also runs the first ``--small`` images, and
+the rate is the added images over the added time, ``(images - small) / (t(images) -
+t(small))``: the throughput a long evaluation approaches, with the fixed cost
+(``t(images) - images / rate``) printed beside it.
 
     python benchmarks/watermark_eval_speed.py --images 64 --small 16 --repeats 3
 """
