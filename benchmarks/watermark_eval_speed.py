@@ -97,7 +97,7 @@ def main() -> None:
     print(f"  end to end:   single-process loop ({torch.get_num_threads()} math threads) {count / median['loop', count]:6.2f} "
           f"images/s; Ray Data ({args.cpus} CPUs, {args.actors} actors) {count / median['ray', count]:6.2f} images/s; "
           f"ratio {median['loop', count] / median['ray', count]:.2f}x")
-    if len(sizes) > 1:
+    if len(sizes) > 1 and all(median[side, count] > median[side, sizes[1]] for side in ("loop", "ray")):
         small = sizes[1]
         rate = {side: (count - small) / (median[side, count] - median[side, small]) for side in ("loop", "ray")}
         fixed = {side: median[side, count] - count / rate[side] for side in ("loop", "ray")}

@@ -8,7 +8,7 @@
    crops (``watermark_mbrs_tiny_diffusion.yaml``: MBRS's Crop, real JPEG Q50, identity).
 2. Runs the ``watermark-eval`` grid (``watermark_peers_photos.yaml``'s attacks) on crops of
    bundled photographs that no model trained on, for the models and dwtDct, dwtDctSvd and
-   RivaGAN. ``--strengths`` adds MBRS at lower embedding strengths (``mbrs@0.3``: residual x
+   RivaGAN. ``--strengths`` adds MBRS at lower embedding strengths (``mbrs-s0.3``: residual x
    0.3), which raises its PSNR, so it can be compared with the peers at equal PSNR.
 3. Prints, per method, PSNR, SSIM and the bit error rate under each attack.
 
@@ -63,7 +63,12 @@ def main() -> None:
                                                       "name=watermark-hidden-tiny"])]
     if args.diffusion:
         models.append(("diffusion", "watermark_mbrs_tiny_diffusion.yaml", []))
-    given = dict(item.split("=", 1) for item in args.checkpoints)
+    given = {}
+    for item in args.checkpoints:
+        label, _, path = item.partition("=")
+        if label not in [name for name, _, _ in models] or not path:
+            parser.error(f"--checkpoints takes MODEL=PATH with MODEL one of {', '.join(n for n, _, _ in models)}; got {item!r}")
+        given[label] = path
     for label, spec_file, extra in models:
         if label in given:
             checkpoints[label] = given[label]

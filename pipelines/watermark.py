@@ -424,7 +424,6 @@ class WatermarkEvalPipeline(Pipeline):
 
 # ----------------------------------------------------------------------------- training
 
-PRESETS = ("mbrs_128_64", "mbrs_128_30_diffusion", "mbrs_256_256", "mbrs_tiny", "hidden_tiny")
 CHECKPOINT_FILE = "state.pt"
 METHOD_FILE = "mbrs.pt"
 
@@ -452,7 +451,8 @@ class WatermarkTrainSettings(StepTrainSettings):
     """A noise layer (as in ``noise``, one layer) that validation also decodes through, e.g.
     ``{crop: {fraction: 0.25}}`` for a diffusion model; reported as ``val/ber_noise`` and
     ``val/bit_accuracy_noise``, and ``val/rank`` then counts the bits read correctly through it
-    instead of through JPEG. Drawn from a fixed seed, so every epoch sees the same noise."""
+    instead of through JPEG. Drawn per image (a crop box each) from a fixed seed, so every
+    epoch sees the same noise."""
 
 
 class WatermarkCheckpoints(SpecModel):
@@ -576,9 +576,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             clean = bit_error_rate(model.decoder(marked), val_bits)
             compressed = bit_error_rate(model.decoder(jpeg(marked)), val_bits)
             quality = float(psnr(marked, val_images).mean())
-            if val_noise is not None:
-                torch.manual_seed(spec.seed + 7_777)  # the same draws every epoch (the next epoch reseeds)
-                noisy = bit_error_rate(model.decoder(val_noise(marked, val_images)), val_bits)
+            if val_noise is not None:  # one draw per image (a crop box each), the same draws every epoch
+                torch.manual_seed(spec.seed + 7_777)  # (the next epoch reseeds for training)
+                noised = torch.cat([val_noise(image[None], cover[None]) for image, cover in zip(marked, val_images)])
+                noisy = bit_error_rate(model.decoder(noised), val_bits)
         steps = spec.train.steps_per_epoch
         metrics = {"epoch": epoch + 1, "train/loss": sums[0] / steps, "train/image_mse": sums[1] / steps,
                    "train/message_mse": sums[2] / steps, "train/discriminator_loss": sums[3] / steps,
@@ -615,18 +616,19 @@ class WatermarkTrainPipeline(Pipeline):
     def check(self, spec: WatermarkTrainSpec) -> list[Problem]:
         from vision.watermark.noise import build_noise
 
-        try:
-            build_noise(spec.noise)
-        except (ValueError, TypeError) as err:
-            return [Problem("noise", str(err))]
+        import torch
+
         val_noise = spec.train.val_noise
         if isinstance(val_noise, (list, tuple)):
             return [Problem("train.val_noise", "one noise layer (a name or {name: options}), not a list")]
-        if val_noise is not None:
-            try:
-                build_noise(val_noise)
-            except (ValueError, TypeError) as err:
-                return [Problem("train.val_noise", str(err))]
+        size = build_preset(spec.model).size
+        probe = torch.rand(2, 3, size, size)
+        for field, layers in (("noise", spec.noise), ("train.val_noise", [] if val_noise is None else [val_noise])):
+            for layer in layers:  # each once on a probe batch: options that cannot run fail here
+                try:
+                    build_noise(layer)(probe, probe)
+                except (ValueError, TypeError, RuntimeError) as err:
+                    return [Problem(field, f"{layer}: {err}")]
         if spec.checkpoint.score == "val/bit_accuracy_noise" and val_noise is None:
             return [Problem("checkpoint.score", "val/bit_accuracy_noise needs train.val_noise (the noise to validate through)")]
         if spec.data.source == "folder" and not Path(spec.data.path).is_dir():

@@ -99,9 +99,11 @@ def test_mbrs_trains_on_two_workers_and_its_checkpoint_is_an_evaluation_method(t
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "output_dir": str(tmp_path / "runs")}))
     for field, value, message in (("val_noise", ["identity", "crop"], "one noise layer"),
                                   ("val_noise", {"crop": {"share": 0.5}}, "share"),
-                                  ("val_noise", "sharpen", "unknown noise layer 'sharpen'")):
+                                  ("val_noise", "sharpen", "unknown noise layer 'sharpen'"),
+                                  ("val_noise", {"crop": {"fraction": 2}}, r"kept area fraction must be in \(0, 1\], got 2"),
+                                  ("noise", ["identity", {"resize": {"scale": 0}}], "resize")):
         bad = yaml.safe_load(spec.read_text())
-        bad["train"][field] = value
+        (bad["train"] if field == "val_noise" else bad)[field] = value
         with pytest.raises(SpecError, match=message):
             load_spec(write_spec(tmp_path, "bad.yaml", yaml.safe_dump(bad)))
     outcome = run_local(load_spec(spec))
@@ -110,7 +112,9 @@ def test_mbrs_trains_on_two_workers_and_its_checkpoint_is_an_evaluation_method(t
     assert len(ber) == 2 and ber[-1] < 0.1  # chance is 0.5
     metrics = client.get_run(outcome.run_id).data.metrics
     assert "val/ber_jpeg50" in metrics
-    assert 0 <= metrics["val/ber_noise"] <= 1 and metrics["val/bit_accuracy_noise"] == pytest.approx(1 - metrics["val/ber_noise"])
+    # with val_noise, checkpoints rank by the bits read through it (32 images x 16 bits), then PSNR
+    assert metrics["val/rank"] == pytest.approx(round(metrics["val/bit_accuracy_noise"] * 32 * 16)
+                                                + min(metrics["val/psnr"], 99.0) / 100)
     method = build_method("mbrs", checkpoint=outcome.summary["method_checkpoint"])
     from vision.forensics.synthetic import photographs, real_video
 

@@ -56,7 +56,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
         return Path(checkpoint)
     name = text[len(BUILTIN):]
     path = WEIGHTS / f"{name}.pt"
-    if not path.is_file():
+    if name not in builtin_weights():
         raise ValueError(f"no built-in MBRS weights '{name}'; available: "
                          f"{', '.join(BUILTIN + n for n in builtin_weights()) or 'none'}")
     return path

@@ -191,6 +191,8 @@ class Crop(nn.Module):
 
     def __init__(self, fraction: float = 0.5):
         super().__init__()
+        if not 0 < fraction <= 1:
+            raise ValueError(f"the kept area fraction must be in (0, 1], got {fraction}")
         self.fraction = fraction
 
     def forward(self, images: torch.Tensor, cover: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,6 +217,8 @@ class Dropout(nn.Module):
 
     def __init__(self, keep: float = 0.6):
         super().__init__()
+        if not 0 <= keep <= 1:
+            raise ValueError(f"the kept pixel fraction must be in [0, 1], got {keep}")
         self.keep = keep
 
     def forward(self, images: torch.Tensor, cover: torch.Tensor | None = None) -> torch.Tensor:
