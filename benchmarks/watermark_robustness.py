@@ -6,6 +6,8 @@
    ``watermark-train`` pipeline, ``--epochs`` each.
    With ``--diffusion`` also MBRS's diffusion variant (``mbrs_tiny_diffusion``) trained for
    crops (``watermark_mbrs_tiny_diffusion.yaml``: MBRS's Crop, real JPEG Q50, identity).
+   With ``--image-weights W ...`` also MBRS trained with the image loss weighted W instead of the
+   paper's 1 (a model trained for a higher PSNR, not one scaled down after training).
 2. Runs the ``watermark-eval`` grid (``watermark_peers_photos.yaml``'s attacks) on crops of
    bundled photographs that no model trained on, for the models and dwtDct, dwtDctSvd and
    RivaGAN. ``--strengths`` adds MBRS at lower embedding strengths (``mbrs-s0.3``: residual x
@@ -17,7 +19,8 @@ train in minutes), invisible-watermark refuses images under 256 x 256 and carrie
 each method sees the same held-out crops brought to its size.
 
     python benchmarks/watermark_robustness.py --epochs 10 --images 24
-    python benchmarks/watermark_robustness.py --epochs 30 --images 24 --strengths 1 0.5 0.3 0.25 --diffusion
+    python benchmarks/watermark_robustness.py --epochs 30 --images 24 --strengths 1 0.5 0.3 0.25 --diffusion \
+        --image-weights 20 100
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ def main() -> None:
     parser.add_argument("--strengths", nargs="+", type=float, default=[1.0],
                         help="MBRS embedding strengths to evaluate (1 = as trained)")
     parser.add_argument("--diffusion", action="store_true", help="also train and evaluate the diffusion variant")
+    parser.add_argument("--image-weights", nargs="*", type=float, default=[],
+                        help="also train MBRS with each of these image-loss weights (the paper's is 1; higher "
+                             "trades robustness for PSNR) and evaluate it as mbrs-wN")
     parser.add_argument("--checkpoints", nargs="*", default=[], metavar="MODEL=PATH",
-                        help="skip training a model (mbrs, hidden, diffusion): evaluate this mbrs.pt instead")
+                        help="skip training a model (mbrs, hidden, diffusion, w<weight>): evaluate this mbrs.pt instead")
     args = parser.parse_args()
 
     import pandas as pd
@@ -63,6 +69,9 @@ def main() -> None:
                                                       "name=watermark-hidden-tiny"])]
     if args.diffusion:
         models.append(("diffusion", "watermark_mbrs_tiny_diffusion.yaml", []))
+    for weight in args.image_weights:
+        models.append((f"w{weight:g}", "watermark_mbrs_tiny.yaml", [f"train.image_weight={weight:g}",
+                                                                   f"name=watermark-mbrs-tiny-w{weight:g}"]))
     given = {}
     for item in args.checkpoints:
         label, _, path = item.partition("=")
@@ -82,6 +91,8 @@ def main() -> None:
     methods += [f"{{name: hidden, checkpoint: {checkpoints['hidden']}}}"]
     if args.diffusion:
         methods += [f"{{name: mbrs, checkpoint: {checkpoints['diffusion']}, label: mbrs-diffusion}}"]
+    methods += [f"{{name: mbrs, checkpoint: {checkpoints[f'w{weight:g}']}, label: mbrs-w{weight:g}}}"
+                for weight in args.image_weights]
     methods += [f"{{name: {peer}, message_length: 32}}" for peer in args.peers]
     grid = run_local(load_spec(configs / "watermark_peers_photos.yaml",
                                [tracking, f"output_dir={work}/runs", f"methods=[{', '.join(methods)}]",
