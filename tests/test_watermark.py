@@ -246,7 +246,7 @@ def test_shipped_weights_carry_their_message_through_what_they_were_trained_for(
         return float(np.mean(wrong)), float(np.mean(quality))
 
     jpeg_ber, jpeg_psnr = errors(jpeg_model, "jpeg420", 50)
-    assert jpeg_ber <= 0.02 and jpeg_psnr > 24.0  # chance is 0.5
+    assert jpeg_ber <= 0.02 and jpeg_psnr > 32.0  # chance is 0.5; trained for a high PSNR (35.5 dB on the benchmark)
     crop_ber, _ = errors(crop_model, "crop_black", 0.25)
     plain_crop_ber, _ = errors(jpeg_model, "crop_black", 0.25)
     assert crop_ber <= 0.03 and plain_crop_ber > crop_ber + 0.2
