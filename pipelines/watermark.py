@@ -93,10 +93,6 @@ class MethodSettings(SpecModel):
             raise ValueError(f"label {self.label!r} may only hold letters, digits and _ . : - (it names MLflow metrics)")
         if self.name in ("mbrs", "hidden") and not self.checkpoint:
             raise ValueError(f"method {self.name} needs a checkpoint (a file, or builtin:<name> for shipped weights)")
-        if self.checkpoint and self.checkpoint.startswith("builtin:"):
-            from vision.watermark.methods import resolve_checkpoint
-
-            resolve_checkpoint(self.checkpoint)  # an unknown name lists the shipped ones
         return self
 
 
@@ -357,8 +353,12 @@ class WatermarkEvalPipeline(Pipeline):
                 except (ValueError, IndexError) as err:
                     return [Problem(f"attacks.{index}", f"{settings.label()} at strength {strength:g}: {err}")]
         for index, method in enumerate(spec.methods):
-            if method.checkpoint and not resolve_checkpoint(method.checkpoint).is_file():
-                return [Problem(f"methods.{index}.checkpoint", f"no such file: {method.checkpoint}")]
+            if method.checkpoint:
+                try:  # an unknown builtin:<name> lists the shipped ones
+                    if not resolve_checkpoint(method.checkpoint).is_file():
+                        return [Problem(f"methods.{index}.checkpoint", f"no such file: {method.checkpoint}")]
+                except ValueError as err:
+                    return [Problem(f"methods.{index}.checkpoint", str(err))]
             if method.name in ("dwtDct", "dwtDctSvd", "rivaGan"):
                 try:
                     import imwatermark  # noqa: F401
