@@ -13,6 +13,13 @@ deviation over seeds, and the mean of the last three evaluations) and writes it 
 
 ``--parallel 2`` runs two at a time with one math thread each, which gets more env steps
 per second out of 2 cores than one run with two threads (sampling is single-threaded).
+
+Two more kinds of row: ``sb3-td3`` is Stable-Baselines3's TD3 with the TD3 spec's
+hyperparameters, evaluated the same way (the peer users would pick, as a check that a
+task's figures are what a standard implementation reaches at this budget), and
+``rud:N`` is RUD with ``update_interval`` N instead of the spec's 1000:
+
+    python benchmarks/rl_learning.py --tasks hopper --algorithms sb3-td3 rud:250 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -33,8 +40,32 @@ ALGORITHMS = ("rud", "td3", "ddpg")
 EXPERIMENT = "rl-learning"
 
 
+SB3 = "sb3-td3"
+
+
+def parse_algorithm(token: str) -> tuple[str, int | None]:
+    """``rud``, ``td3``, ``ddpg``, ``sb3-td3`` or ``rud:N`` (RUD with update_interval N)."""
+    name, _, interval = token.partition(":")
+    if name in (*ALGORITHMS, SB3) and not interval:
+        return name, None
+    if name == "rud" and interval.isdigit() and int(interval) > 0:
+        return name, int(interval)
+    raise argparse.ArgumentTypeError(f"unknown algorithm {token!r}: allowed are {', '.join(ALGORITHMS)}, {SB3} "
+                                     "and rud:N (RUD with update_interval N, a positive integer)")
+
+
+def algorithm_token(token: str) -> str:
+    parse_algorithm(token)
+    return token
+
+
+def label(token: str) -> str:
+    name, interval = parse_algorithm(token)
+    return f"RUD (update_interval {interval})" if interval else "SB3 TD3" if name == SB3 else name.upper()
+
+
 def run_name(algorithm: str, task: str, seed: int, steps: int) -> str:
-    return f"bench-{algorithm}-{task}-s{seed}-{steps // 1000}k"
+    return f"bench-{algorithm.replace(':', '')}-{task}-s{seed}-{steps // 1000}k"
 
 
 def finished_runs(uri: str) -> dict[str, str]:
@@ -51,7 +82,12 @@ def finished_runs(uri: str) -> dict[str, str]:
 
 def launch(algorithm: str, task: str, seed: int, args: argparse.Namespace, threads: int) -> tuple[str, int, float]:
     name = run_name(algorithm, task, seed, args.steps)
-    spec = ROOT / "pipelines" / "configs" / f"{algorithm}_{task}.yaml"
+    base, interval = parse_algorithm(algorithm)
+    if base == SB3:
+        command = [sys.executable, __file__, "--sb3-worker", task, str(seed), "--steps", str(args.steps),
+                   "--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes)]
+        return run_logged(command, name, args, threads)
+    spec = ROOT / "pipelines" / "configs" / f"{base}_{task}.yaml"
     overrides = {
         "name": name,
         "seed": seed,
@@ -63,9 +99,15 @@ def launch(algorithm: str, task: str, seed: int, args: argparse.Namespace, threa
         "checkpoint.every_iterations": 1_000_000,
         "output_dir": args.output_dir,
     }
+    if interval:
+        overrides["training.update_interval"] = interval
     command = [sys.executable, "-m", "pipelines", "run", str(spec)]
     for key, value in overrides.items():
         command += ["--set", f"{key}={value}"]
+    return run_logged(command, name, args, threads)
+
+
+def run_logged(command: list[str], name: str, args: argparse.Namespace, threads: int) -> tuple[str, int, float]:
     environment = dict(os.environ, MLFLOW_TRACKING_URI=args.tracking_uri, PYTHONWARNINGS="ignore")
     if threads:
         environment.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -77,13 +119,67 @@ def launch(algorithm: str, task: str, seed: int, args: argparse.Namespace, threa
     return name, code, time.monotonic() - started
 
 
+def sb3_td3(task: str, seed: int, args: argparse.Namespace) -> None:
+    """Stable-Baselines3 TD3 with the hyperparameters of ``td3_{task}.yaml``, its deterministic
+    evaluation logged like raysmith's (``evaluation/return_mean`` at env steps) in an MLflow
+    run named as the others; the run is FINISHED only if training completed."""
+    import gymnasium as gym
+    import mlflow
+    import numpy as np
+    import torch
+    import yaml
+    from stable_baselines3 import TD3
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.noise import NormalActionNoise
+
+    spec = yaml.safe_load((ROOT / "pipelines" / "configs" / f"td3_{task}.yaml").read_text())
+    training, model_config = spec["training"], spec["model"]
+    if training["actor_lr"] != training["critic_lr"] or model_config["actor_hidden"] != model_config["critic_hidden"]:
+        raise SystemExit("SB3's TD3 takes one learning rate and one net_arch; the spec has two")
+    if training.get("update_interval", 1) != 1 or training.get("updates_per_step", 1.0) != 1.0:
+        raise SystemExit("the TD3 spec is expected to update once per env step")
+    env = gym.make(spec["env"])
+    evaluation_env = gym.make(spec["env"])
+    evaluation_env.reset(seed=seed + 10_000)
+    # SB3 adds the noise in the env's action units; raysmith's is a fraction of each half-range
+    noise = NormalActionNoise(np.zeros(env.action_space.shape), training["exploration_noise"] * (env.action_space.high - env.action_space.low) / 2)
+    model = TD3(
+        "MlpPolicy", env, learning_rate=training["actor_lr"], buffer_size=training["replay_capacity"],
+        learning_starts=training["learning_starts"], batch_size=training["train_batch_size_per_learner"],
+        tau=training["tau"], gamma=training["gamma"], train_freq=1, gradient_steps=1, action_noise=noise,
+        policy_delay=training["policy_delay"], target_policy_noise=training["target_noise"],
+        target_noise_clip=training["target_noise_clip"], policy_kwargs={"net_arch": list(model_config["actor_hidden"])},
+        seed=seed, device="cpu", verbose=0,
+    )
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+
+    def evaluate(step: int) -> None:
+        mean, _ = evaluate_policy(model, evaluation_env, n_eval_episodes=args.eval_episodes, deterministic=True)
+        mlflow.log_metric("evaluation/return_mean", float(mean), step=step)
+        print(f"{step} env steps: evaluation return {mean:.1f}", flush=True)
+
+    class Evaluate(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps % args.eval_every == 0:
+                evaluate(self.num_timesteps)
+            return True
+
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name=run_name(SB3, task, seed, args.steps)):
+        mlflow.log_params({"implementation": "stable-baselines3 TD3", "env": spec["env"], "seed": seed,
+                           **{key: training[key] for key in sorted(training)}})
+        evaluate(0)
+        model.learn(args.steps, callback=Evaluate())
+
+
 def summarise(args: argparse.Namespace) -> dict:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(args.tracking_uri)
     runs = finished_runs(args.tracking_uri)
     table: dict = {}
-    for task, algorithm in itertools.product(args.tasks, ALGORITHMS):
+    for task, algorithm in itertools.product(args.tasks, args.algorithms):
         finals, tails, curves = [], [], {}
         for seed in args.seeds:
             run_id = runs.get(run_name(algorithm, task, seed, args.steps))
@@ -110,7 +206,7 @@ def markdown(table: dict, steps: int) -> str:
              "|---|---|---|---|---|"]
     for task, rows in table.items():
         for algorithm, row in rows.items():
-            lines.append(f"| {task} | {algorithm.upper()} | {row['seeds']} | {row['final_mean']:.0f} ± {row['final_std']:.0f} "
+            lines.append(f"| {task} | {label(algorithm)} | {row['seeds']} | {row['final_mean']:.0f} ± {row['final_std']:.0f} "
                          f"| {row['last3_mean']:.0f} |")
     return "\n".join(lines)
 
@@ -130,7 +226,7 @@ def plot(table: dict, path: Path) -> None:
             common = sorted(set.intersection(*(set(dict(curve)) for curve in row["curves"].values())))
             values = [[dict(curve)[step] for step in common] for curve in row["curves"].values()]
             mean = [statistics.fmean(column) for column in zip(*values)]
-            axis.plot(common, mean, label=f"{algorithm.upper()} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})")
+            axis.plot(common, mean, label=f"{label(algorithm)} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})")
             axis.fill_between(common, [min(c) for c in zip(*values)], [max(c) for c in zip(*values)], alpha=0.2)
         axis.set_title(task)
         axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
@@ -149,7 +245,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["halfcheetah", "hopper"],
                         choices=["halfcheetah", "hopper", "walker2d", "ant"])
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), type=algorithm_token,
+                        help="rud, td3, ddpg, sb3-td3 (Stable-Baselines3's TD3), rud:N (update_interval N)")
     parser.add_argument("--eval-every", type=int, default=10_000)
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--parallel", type=int, default=2)
@@ -158,7 +255,12 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "rl_learning.json"))
     parser.add_argument("--plot", help="also draw the learning curves to this PNG")
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--sb3-worker", nargs=2, metavar=("TASK", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sb3_worker:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", args.tracking_uri)
+        sb3_td3(args.sb3_worker[0], int(args.sb3_worker[1]), args)
+        return
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
 
     if not args.summary_only:
