@@ -14,6 +14,13 @@ after a warm-up that fills the replay buffer:
     python benchmarks/rl_throughput.py                      # HalfCheetah-v5, 5000 timed steps
     python benchmarks/rl_throughput.py --steps 2000 --only rud,sb3
     python benchmarks/rl_throughput.py --suite dqn --threads 1 --repeats 3
+    python benchmarks/rl_throughput.py --suite updates --repeats 3
+
+- ``updates``: the gradient-update loops alone, no environment: raysmith's TD3/RUD Learner
+  (``learn_block``'s loop) against SB3's ``TD3.train``, both on the same 5,000 HalfCheetah-v5
+  transitions from random actions; and the raysmith loop again under bfloat16 autocast
+  (matrix multiplies in bf16, everything else fp32), which this suite measures but raysmith
+  does not use for learning (its effect on learning is not measured).
 
 Needs stable-baselines3 (`pip install stable-baselines3`).
 """
@@ -129,6 +136,66 @@ def measure_sb3(env: str, warmup: int, steps: int) -> dict:
     return {"steps_per_s": steps / (time.perf_counter() - start), "env_steps": steps}
 
 
+def random_transitions(env_id: str, count: int, seed: int = 0) -> dict:
+    """``count`` transitions of uniformly random actions, as the replay buffers store them."""
+    import gymnasium as gym
+    import numpy as np
+
+    env = gym.make(env_id)
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    fields: dict[str, list] = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminateds": []}
+    for _ in range(count):
+        action = env.action_space.sample()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        for name, value in zip(fields, (obs, action, reward, next_obs, float(terminated))):
+            fields[name].append(value)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    return {name: np.asarray(values, dtype=np.float32) for name, values in fields.items()}
+
+
+def measure_updates(name: str, env_id: str, updates: int) -> dict:
+    """Gradient updates per second of one update loop, after 50 untimed updates."""
+    import contextlib
+
+    import torch
+
+    transitions = random_transitions(env_id, 5000)
+    if name == "sb3-updates":
+        import gymnasium as gym
+        from stable_baselines3 import TD3
+
+        model = TD3("MlpPolicy", gym.make(env_id), learning_starts=0, batch_size=BATCH, policy_delay=2,
+                    target_policy_noise=0.2, target_noise_clip=0.5, policy_kwargs={"net_arch": [HIDDEN, HIDDEN]},
+                    seed=0, device="cpu", verbose=0)
+        model.learn(1)  # sets up the logger and progress SB3's train() reads
+        buffer = model.replay_buffer
+        for index in range(len(transitions["rewards"])):
+            buffer.add(transitions["obs"][index], transitions["next_obs"][index], transitions["actions"][index],
+                       transitions["rewards"][index], transitions["terminateds"][index], [{}])
+        model.train(gradient_steps=50, batch_size=BATCH)
+        start = time.perf_counter()
+        model.train(gradient_steps=updates, batch_size=BATCH)
+        return {"updates_per_s": updates / (time.perf_counter() - start), "updates": updates}
+
+    import gymnasium as gym
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    from agents.rud import TD3Config
+
+    config = (TD3Config().environment(env_id).training(train_batch_size_per_learner=BATCH)
+              .rl_module(model_config={"actor_hidden": [HIDDEN, HIDDEN], "critic_hidden": [HIDDEN, HIDDEN]}))
+    learner = config.build_learner(env=gym.make(env_id))
+    learner.replay.add(transitions)
+    module = learner.module[DEFAULT_MODULE_ID]
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if name == "rud-updates-bf16" else contextlib.nullcontext()
+    with precision:
+        learner._updates(module, 50)
+        start = time.perf_counter()
+        learner._updates(module, updates)
+    return {"updates_per_s": updates / (time.perf_counter() - start), "updates": updates}
+
+
 def run_worker(name: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--env", args.env,
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
@@ -143,10 +210,14 @@ def run_worker(name: str, args: argparse.Namespace) -> dict:
 
 
 LABELS = {"rud": "raysmith RUD (update_interval 1000)", "td3": "raysmith TD3", "sb3": "Stable-Baselines3 TD3",
-          "nrowan": "raysmith NROWAN-DQN", "dqn": "raysmith DQN", "sb3dqn": "Stable-Baselines3 DQN"}
+          "nrowan": "raysmith NROWAN-DQN", "dqn": "raysmith DQN", "sb3dqn": "Stable-Baselines3 DQN",
+          "rud-updates": "raysmith TD3/RUD Learner loop", "rud-updates-bf16": "same, bf16 autocast (not used)",
+          "sb3-updates": "Stable-Baselines3 TD3.train"}
 SUITES = {
     "td3": {"env": "HalfCheetah-v5", "warmup": 2000, "steps": 5000, "only": "rud,td3,sb3", "peer": "sb3"},
     "dqn": {"env": "CartPole-v0", "warmup": 1000, "steps": 10000, "only": "nrowan,dqn,sb3dqn", "peer": "sb3dqn"},
+    "updates": {"env": "HalfCheetah-v5", "warmup": 0, "steps": 2000, "only": "rud-updates,rud-updates-bf16,sb3-updates",
+                "peer": "sb3-updates"},
 }
 
 
@@ -155,7 +226,8 @@ def main() -> None:
     parser.add_argument("--suite", choices=list(SUITES), default="td3")
     parser.add_argument("--env", help="default: the suite's (HalfCheetah-v5, CartPole-v0)")
     parser.add_argument("--warmup", type=int, help="steps before timing (random actions for TD3; default 2000 / 1000)")
-    parser.add_argument("--steps", type=int, help="timed env steps, one update each (default 5000 / 10000)")
+    parser.add_argument("--steps", type=int,
+                        help="timed env steps, one update each (default 5000 / 10000); updates for --suite updates (2000)")
     parser.add_argument("--only", help="comma-separated subset of the suite's algorithms")
     parser.add_argument("--threads", type=int, help="math threads per process (default: PyTorch's)")
     parser.add_argument("--repeats", type=int, default=1, help="measure each algorithm this often, round-robin")
@@ -168,7 +240,9 @@ def main() -> None:
 
     if args.worker:
         measure = {"sb3": measure_sb3, "sb3dqn": measure_sb3_dqn}.get(args.worker)
-        if measure is not None:
+        if args.worker.endswith("-updates") or args.worker.endswith("-updates-bf16"):
+            result = measure_updates(args.worker, args.env, args.steps)
+        elif measure is not None:
             result = measure(args.env, args.warmup, args.steps)
         else:
             result = measure_raysmith(args.worker, args.env, args.warmup, args.steps)
@@ -195,24 +269,25 @@ def run_suite(args: argparse.Namespace, peer: str, ceiling: float | None, extra:
     """Each algorithm ``--repeats`` times, round-robin, so that a slow spell on a shared
     machine hits all of them alike; rates are the medians."""
     names = args.only.split(",")
+    key, unit = ("updates_per_s", "updates/s") if args.suite == "updates" else ("steps_per_s", "env steps/s")
     rates: dict[str, list[float]] = {name: [] for name in names}
     results = {}
     for _ in range(args.repeats):
         for name in names:
             results[name] = run_worker(name, args)
-            rates[name].append(results[name]["steps_per_s"])
+            rates[name].append(results[name][key])
     for name in names:
-        results[name]["steps_per_s"] = statistics.median(rates[name])
+        results[name][key] = statistics.median(rates[name])
         results[name]["runs"] = rates[name]
         spread = f"  (runs: {', '.join(f'{rate:.0f}' for rate in rates[name])})" if args.repeats > 1 else ""
-        print(f"  {LABELS[name]:40s} {results[name]['steps_per_s']:7.1f} env steps/s{spread}", flush=True)
+        print(f"  {LABELS[name]:40s} {results[name][key]:7.1f} {unit}{spread}", flush=True)
     if peer in results:
-        base = results[peer]["steps_per_s"]
+        base = results[peer][key]
         bound = f" (ceiling {ceiling / base:.2f}x)" if ceiling else ""
         print(f"ratios to {LABELS[peer]}{bound}:")
         for name, result in results.items():
             if name != peer:
-                print(f"  {LABELS[name]:40s} {result['steps_per_s'] / base:5.2f}x")
+                print(f"  {LABELS[name]:40s} {result[key] / base:5.2f}x")
     print(json.dumps({"env": args.env, "threads": args.threads, **(extra or {}), "results": results}))
 
 
