@@ -220,14 +220,18 @@ def plot(table: dict, path: Path) -> None:
     import matplotlib.ticker
 
     figure, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 3.6), squeeze=False)
+    order = list(dict.fromkeys(algorithm for rows in table.values() for algorithm in rows))  # one colour each
     for axis, (task, rows) in zip(axes[0], table.items()):
         for algorithm, row in rows.items():
+            colour = f"C{order.index(algorithm) % 10}"
             # seeds share the evaluation cadence; keep the steps every seed reached
             common = sorted(set.intersection(*(set(dict(curve)) for curve in row["curves"].values())))
             values = [[dict(curve)[step] for step in common] for curve in row["curves"].values()]
             mean = [statistics.fmean(column) for column in zip(*values)]
-            axis.plot(common, mean, label=f"{label(algorithm)} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})")
-            axis.fill_between(common, [min(c) for c in zip(*values)], [max(c) for c in zip(*values)], alpha=0.2)
+            axis.plot(common, mean, color=colour,
+                      label=f"{label(algorithm)} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})")
+            axis.fill_between(common, [min(c) for c in zip(*values)], [max(c) for c in zip(*values)], color=colour,
+                              alpha=0.2)
         axis.set_title(task)
         axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
         axis.set_xlabel("env steps")
