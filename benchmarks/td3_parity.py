@@ -20,26 +20,11 @@ import argparse
 import sys
 
 import gymnasium as gym
-import numpy as np
 import torch
+from rl_throughput import random_transitions  # the script's own folder is on sys.path
 
 ENV = "Hopper-v5"
 BATCH = 256
-
-
-def transitions(count: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random-action Hopper transitions: the hopper falls often, so several are terminal."""
-    env = gym.make(ENV)
-    env.action_space.seed(seed)
-    obs, _ = env.reset(seed=seed)
-    rows: dict[str, list] = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminateds": []}
-    for _ in range(count):
-        action = env.action_space.sample()
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        for name, value in zip(rows, (obs, action, reward, next_obs, float(terminated))):
-            rows[name].append(value)
-        obs = env.reset()[0] if terminated or truncated else next_obs
-    return {name: np.asarray(values, dtype=np.float32) for name, values in rows.items()}
 
 
 def linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -75,7 +60,7 @@ def main() -> None:
     from agents.rud import TD3Config
 
     torch.manual_seed(0)
-    data = transitions(BATCH)
+    data = random_transitions(ENV, BATCH)  # Hopper falls often under random actions: some are terminal
     config = (TD3Config().environment(ENV)
               .training(train_batch_size_per_learner=BATCH, policy_delay=args.policy_delay, target_noise=0.0)
               .rl_module(model_config={"actor_hidden": [256, 256], "critic_hidden": [256, 256]}))
