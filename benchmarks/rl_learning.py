@@ -126,7 +126,6 @@ def sb3_td3(task: str, seed: int, args: argparse.Namespace) -> None:
     import gymnasium as gym
     import mlflow
     import numpy as np
-    import torch
     import yaml
     from stable_baselines3 import TD3
     from stable_baselines3.common.callbacks import BaseCallback
@@ -143,7 +142,8 @@ def sb3_td3(task: str, seed: int, args: argparse.Namespace) -> None:
     evaluation_env = gym.make(spec["env"])
     evaluation_env.reset(seed=seed + 10_000)
     # SB3 adds the noise in the env's action units; raysmith's is a fraction of each half-range
-    noise = NormalActionNoise(np.zeros(env.action_space.shape), training["exploration_noise"] * (env.action_space.high - env.action_space.low) / 2)
+    half_range = (env.action_space.high - env.action_space.low) / 2
+    noise = NormalActionNoise(np.zeros(env.action_space.shape), training["exploration_noise"] * half_range)
     model = TD3(
         "MlpPolicy", env, learning_rate=training["actor_lr"], buffer_size=training["replay_capacity"],
         learning_starts=training["learning_starts"], batch_size=training["train_batch_size_per_learner"],
@@ -152,7 +152,6 @@ def sb3_td3(task: str, seed: int, args: argparse.Namespace) -> None:
         target_noise_clip=training["target_noise_clip"], policy_kwargs={"net_arch": list(model_config["actor_hidden"])},
         seed=seed, device="cpu", verbose=0,
     )
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 
     def evaluate(step: int) -> None:
         mean, _ = evaluate_policy(model, evaluation_env, n_eval_episodes=args.eval_episodes, deterministic=True)

@@ -240,7 +240,7 @@ def main() -> None:
 
     if args.worker:
         measure = {"sb3": measure_sb3, "sb3dqn": measure_sb3_dqn}.get(args.worker)
-        if args.worker.endswith("-updates") or args.worker.endswith("-updates-bf16"):
+        if args.worker in SUITES["updates"]["only"].split(","):
             result = measure_updates(args.worker, args.env, args.steps)
         elif measure is not None:
             result = measure(args.env, args.warmup, args.steps)

@@ -33,8 +33,7 @@ def linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
 
 @torch.no_grad()
 def copy_linears(source: torch.nn.Module, target: torch.nn.Module) -> None:
-    pairs = list(zip(linears(source), linears(target), strict=True))
-    for a, b in pairs:
+    for a, b in zip(linears(source), linears(target), strict=True):
         b.weight.copy_(a.weight)
         b.bias.copy_(a.bias)
 
@@ -44,6 +43,15 @@ def max_difference(ours: torch.nn.Module, theirs: torch.nn.Module) -> float:
         max((a.weight - b.weight).abs().max().item(), (a.bias - b.bias).abs().max().item())
         for a, b in zip(linears(ours), linears(theirs), strict=True)
     )
+
+
+def compare(module, model) -> dict[str, float]:
+    """Largest parameter difference per network: raysmith's module against SB3's TD3."""
+    pairs = {"actor": (module.actor, model.actor.mu), "target actor": (module.target_actor, model.actor_target.mu)}
+    for i in range(2):
+        pairs[f"critic {i + 1}"] = (module.critic.single(i), model.critic.q_networks[i])
+        pairs[f"target critic {i + 1}"] = (module.target_critic.single(i), model.critic_target.q_networks[i])
+    return {name: max_difference(ours, theirs) for name, (ours, theirs) in pairs.items()}
 
 
 def main() -> None:
@@ -88,19 +96,12 @@ def main() -> None:
 
     print(f"{ENV}: {BATCH} transitions, {int(data['terminateds'].sum())} terminal; {args.updates} updates, "
           f"policy delay {args.policy_delay}, no target smoothing")
-    before = max(max_difference(module.actor, model.actor.mu),
-                 *(max_difference(module.critic.single(i), model.critic.q_networks[i]) for i in range(2)))
+    before = max(compare(module, model).values())
     initial = {name: parameter.detach().clone() for name, parameter in module.named_parameters()}
     learner._updates(module, args.updates)
     model.train(gradient_steps=args.updates, batch_size=BATCH)
     moved = {name: (parameter - initial[name]).abs().max().item() for name, parameter in module.named_parameters()}
-    differences = {
-        "actor": max_difference(module.actor, model.actor.mu),
-        "target actor": max_difference(module.target_actor, model.actor_target.mu),
-        **{f"critic {i + 1}": max_difference(module.critic.single(i), model.critic.q_networks[i]) for i in range(2)},
-        **{f"target critic {i + 1}": max_difference(module.target_critic.single(i), model.critic_target.q_networks[i])
-           for i in range(2)},
-    }
+    differences = compare(module, model)
     for name, difference in differences.items():
         print(f"  {name:16s} largest |raysmith - SB3| = {difference:.2e}")
     print(f"before the updates the two differed by {before:.1e}; the updates moved raysmith's actor by up to "
