@@ -73,6 +73,10 @@ class RUDConfig(AlgorithmConfig):
         """Store the replay buffer in checkpoints (large: about 170 MB per 1M MuJoCo steps)."""
         self.normalize_observations: bool = False
         """Normalise observations with running statistics (kept in the module, checkpointed)."""
+        self.fused_updates: bool = True
+        """Run updates with hand-written gradients (agents/rud/fused_update.py) instead of
+        autograd: the same maths to float rounding, ~2x faster on CPU. Applies to the stock
+        networks; other modules always use autograd."""
         self.train_batch_size_per_learner = 256
         self.gamma = 0.99
         self.lr = None  # actor_lr and critic_lr apply
@@ -101,6 +105,7 @@ class RUDConfig(AlgorithmConfig):
         replay_capacity: int | None = NotProvided,
         checkpoint_replay_buffer: bool | None = NotProvided,
         normalize_observations: bool | None = NotProvided,
+        fused_updates: bool | None = NotProvided,
         **kwargs: Any,
     ) -> "RUDConfig":
         super().training(**kwargs)

@@ -3,10 +3,12 @@
 The Algorithm hands over one block of fresh transitions and the number of gradient updates
 to run (:meth:`RUDTorchLearner.learn_block`). The loop draws every minibatch index and all
 target-smoothing noise for the block up front and then does only tensor work per update:
-gather, target, critic step, and every ``policy_delay`` updates an actor step and a Polyak
-update of both target networks (one ``_foreach_lerp_``). Metrics are summed as tensors and
-reported once per iteration (:meth:`RUDTorchLearner.reduce_metrics`).
-"""
+target, critic step, and every ``policy_delay`` updates an actor step and a Polyak update
+of both target networks (one ``_foreach_lerp_``). With the stock networks the updates run
+with hand-written gradients (:mod:`agents.rud.fused_update`, ``fused_updates=True``, the
+default), otherwise through autograd; both give the same weights to float rounding.
+Metrics are summed as tensors and reported once per iteration
+(:meth:`RUDTorchLearner.reduce_metrics`)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, NUM_ENV_STEP
 from agents.common.learning_rates import apply_learning_rate_schedules
 from agents.common.off_policy import ReplayLearnerStateMixin
 from agents.common.replay import TransitionBuffer
+from agents.rud.fused_update import FusedTD3Update, supports
 from agents.rud.rud_rl_module import NEXT_OBS, Q_TARGET, Q_VALUES, SMOOTHING_NOISE
 
 TD_TARGET = "td_target"
@@ -31,6 +34,9 @@ ACTOR_OPTIMIZER = "actor"
 
 
 class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
+    GATHER_ROWS = 65_536
+    """Transitions gathered from the replay buffer at once (256 updates of batch 256)."""
+
     def build(self) -> None:
         super().build()
         self.module.foreach_module(
@@ -48,6 +54,7 @@ class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
         pairs = module.get_target_network_pairs()
         self._online_params = [p for online, _ in pairs for p in online.parameters()]
         self._target_params = [p for _, target in pairs for p in target.parameters()]
+        self._fused: FusedTD3Update | None = None
 
     def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
         module = self._module[module_id]
@@ -123,6 +130,8 @@ class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
         return self.metrics.reduce()
 
     def _updates(self, module, num_updates: int) -> None:
+        """``num_updates`` TD3 updates; every minibatch index and all target-smoothing noise
+        are drawn first, in this order, whichever path then runs them."""
         config = self.config
         batch_size = config.train_batch_size_per_learner
         device = self._device
@@ -131,14 +140,64 @@ class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
         if config.target_noise > 0:
             noise = torch.randn(num_updates, batch_size, module.act_dim, generator=self.generator, device=device)
             noise.mul_(config.target_noise).clamp_(-config.target_noise_clip, config.target_noise_clip)
+        if not module.training:
+            module.train()
+        if self._fused is None or self._fused.module is not module:
+            self._fused = self._build_fused(module)
+        if self._fused is not None:
+            self._fused_updates(module, indices, noise)
+        else:
+            self._autograd_updates(module, indices, noise)
+
+    def _build_fused(self, module) -> FusedTD3Update | None:
+        if not (self.config.fused_updates and supports(module)):
+            return None
+        config = self.config
+        return FusedTD3Update(
+            module, self.get_optimizer(DEFAULT_MODULE_ID, CRITIC_OPTIMIZER),
+            self.get_optimizer(DEFAULT_MODULE_ID, ACTOR_OPTIMIZER),
+            gamma=config.gamma, tau=config.tau, policy_delay=config.policy_delay,
+        )
+
+    def _fused_updates(self, module, indices: torch.Tensor, noise: torch.Tensor | None) -> None:
+        """The updates by :class:`FusedTD3Update`; minibatches are gathered a chunk of
+        updates at a time (one ``index_select`` per field per chunk)."""
+        fused, totals, delay = self._fused, self._totals, self.config.policy_delay
+        num_updates, batch_size = indices.shape
+        fused.prepare()
+        chunk = max(1, min(num_updates, self.GATHER_ROWS // batch_size))
+        for first in range(0, num_updates, chunk):
+            rows = indices[first : first + chunk]
+            batch = self.replay.gather(rows.reshape(-1))
+            count = rows.shape[0]
+            obs = module.obs_norm(batch["obs"]).view(count, batch_size, -1)
+            next_obs = module.obs_norm(batch["next_obs"]).view(count, batch_size, -1)
+            actions = batch["actions"].view(count, batch_size, -1)
+            rewards = batch["rewards"].view(count, batch_size, 1)
+            discounts = (1.0 - batch["terminateds"]).mul_(self.config.gamma).view(count, batch_size, 1)
+            for k in range(count):
+                smoothing = None if noise is None else noise[first + k]
+                td_target, next_q = fused.target(next_obs[k], rewards[k], discounts[k], smoothing)
+                critic_loss, q_mean = fused.critic_step(obs[k], actions[k], td_target)
+                totals[0] += critic_loss
+                totals[1] += q_mean
+                totals[3] += next_q.mean()
+                self.critic_updates += 1
+                if self.critic_updates % delay == 0:
+                    totals[2] += fused.actor_step(obs[k])
+                    self._actor_steps_since_reduce += 1
+                    self.actor_updates += 1
+
+    def _autograd_updates(self, module, indices: torch.Tensor, noise: torch.Tensor | None) -> None:
+        """The same updates through autograd and ``Optimizer.step``: for modules with other
+        networks, and the reference the fused path is tested against."""
+        config = self.config
         critic_optimizer = self.get_optimizer(DEFAULT_MODULE_ID, CRITIC_OPTIMIZER)
         actor_optimizer = self.get_optimizer(DEFAULT_MODULE_ID, ACTOR_OPTIMIZER)
         module_config = self.config.get_config_for_module(DEFAULT_MODULE_ID)
         gamma, tau, delay = config.gamma, config.tau, config.policy_delay
         totals = self._totals  # critic loss, Q mean, actor loss, target Q mean
-        if not module.training:
-            module.train()
-        for update in range(num_updates):
+        for update in range(indices.shape[0]):
             batch = self.replay.gather(indices[update])
             with torch.no_grad():
                 target_inputs = {NEXT_OBS: batch["next_obs"]}

@@ -1,0 +1,271 @@
+"""TD3's update written out by hand: forward passes, gradients and Adam with no autograd.
+
+One update of the deterministic actor-critic family (DDPG, TD3, RUD) is a fixed sequence
+of matrix products on a 256-transition minibatch. Autograd records a graph for it, walks
+that graph back and hands the gradients to ``Optimizer.step``; on a CPU with small MLPs
+that bookkeeping costs about as much as the arithmetic. :class:`FusedTD3Update` does the
+same maths directly on the module's own parameters:
+
+1. target: ``y = r + gamma (1 - terminated) min_i Q'_i(s', clip(mu'(s') + noise, -1, 1))``;
+2. critic step: ``L = sum_i mean_b (Q_i(s, a) - y)^2``, gradients by the chain rule
+   (each activation's derivative is read from its output), one fused Adam step;
+3. every ``policy_delay`` critic steps, actor step: ``L = -mean_b Q_1(s, mu(s))`` through
+   the just-updated critic 1 (whose weights get no gradient), one fused Adam step, then
+   Polyak averaging of both target networks (one ``_foreach_lerp_``).
+
+Every product writes into the gradient tensors the optimizer already holds, the Adam state
+lives in the optimizer (checkpoints and learning-rate schedules see no difference), and
+the result equals the autograd path to float rounding (``tests/test_rud.py`` checks both
+from the same weights on the same minibatches).
+
+It applies to :class:`~agents.rud.rud_rl_module.RUDTorchRLModule`'s own networks
+(:func:`supports`); a module with other networks learns through autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from agents.common.networks import DeterministicActor, FusedCritics
+
+Tensor = torch.Tensor
+
+# Each activation in place, and its derivative applied to an upstream gradient, written in
+# terms of the activation's output (which is all the backward pass keeps).
+_ACTIVATE: dict[type, Callable[[Tensor], Tensor]] = {
+    nn.ReLU: torch.relu_,
+    nn.Tanh: torch.tanh_,
+    nn.ELU: lambda x: torch.nn.functional.elu_(x),
+}
+
+
+def _relu_gradient(grad: Tensor, output: Tensor) -> Tensor:
+    return torch.ops.aten.threshold_backward(grad, output, 0.0)  # grad where output > 0, else 0
+
+
+def _tanh_gradient(grad: Tensor, output: Tensor) -> Tensor:
+    return grad * (1.0 - output * output)
+
+
+def _elu_gradient(grad: Tensor, output: Tensor) -> Tensor:
+    # elu(x) = x for x > 0, exp(x) - 1 otherwise: the derivative is 1 or output + 1
+    return torch.where(output > 0, grad, grad * (output + 1.0))
+
+
+_GRADIENT: dict[type, Callable[[Tensor, Tensor], Tensor]] = {
+    nn.ReLU: _relu_gradient,
+    nn.Tanh: _tanh_gradient,
+    nn.ELU: _elu_gradient,
+}
+
+
+def _actor_layers(actor: nn.Module) -> tuple[list[nn.Linear], type] | None:
+    """The Linear layers and the hidden activation of a stock DeterministicActor, else None."""
+    if type(actor) is not DeterministicActor:
+        return None
+    modules = list(actor.net)
+    linears = modules[0::2]
+    activations = modules[1:-1:2]
+    if (not all(type(layer) is nn.Linear for layer in linears) or type(modules[-1]) is not nn.Tanh
+            or len(modules) != 2 * len(linears) or len({type(a) for a in activations}) > 1):
+        return None
+    activation = type(activations[0]) if activations else nn.ReLU
+    if activation not in _ACTIVATE or any(isinstance(a, nn.ELU) and a.alpha != 1.0 for a in activations):
+        return None
+    return linears, activation
+
+
+def supports(module: nn.Module) -> bool:
+    """Whether :class:`FusedTD3Update` can run this module's updates: the stock actor and
+    critics (DeterministicActor, FusedCritics) in float32, ReLU/Tanh/ELU activations."""
+    critic = getattr(module, "critic", None)
+    if type(critic) is not FusedCritics or type(getattr(module, "target_critic", None)) is not FusedCritics:
+        return False
+    if type(critic.activation) not in _ACTIVATE or (isinstance(critic.activation, nn.ELU) and critic.activation.alpha != 1.0):
+        return False
+    if _actor_layers(module.actor) is None or _actor_layers(getattr(module, "target_actor", None)) is None:
+        return False
+    return all(p.dtype == torch.float32 for p in module.parameters())
+
+
+class FusedTD3Update:
+    """Runs TD3 updates on ``module``'s parameters with ``critic_optimizer`` and
+    ``actor_optimizer`` (torch Adam), writing gradients by hand.
+
+    ``gamma`` is the discount, ``tau`` the Polyak coefficient, ``policy_delay`` the critic
+    steps per actor step; ``step`` counts critic steps, as the Learner does.
+    """
+
+    def __init__(self, module: nn.Module, critic_optimizer: torch.optim.Optimizer,
+                 actor_optimizer: torch.optim.Optimizer, *, gamma: float, tau: float, policy_delay: int):
+        if not supports(module):
+            raise ValueError("FusedTD3Update needs RUDTorchRLModule's stock float32 networks")
+        self.module = module
+        self.critic_optimizer = critic_optimizer
+        self.actor_optimizer = actor_optimizer
+        self.gamma, self.tau, self.policy_delay = gamma, tau, policy_delay
+        self.actor, actor_activation = _actor_layers(module.actor)
+        self.target_actor, _ = _actor_layers(module.target_actor)
+        self.actor_activate, self.actor_gradient = _ACTIVATE[actor_activation], _GRADIENT[actor_activation]
+        critic_activation = type(module.critic.activation)
+        self.critic_activate, self.critic_gradient = _ACTIVATE[critic_activation], _GRADIENT[critic_activation]
+        self.obs_dim = module.obs_dim
+        self.online = [p for online, _ in module.get_target_network_pairs() for p in online.parameters()]
+        self.targets = [p for _, target in module.get_target_network_pairs() for p in target.parameters()]
+
+    # ------------------------------------------------------------------ set-up per block
+
+    def prepare(self) -> None:
+        """Give every trained parameter a gradient tensor to write into and every optimizer
+        its Adam state (as ``torch.optim.Adam`` would create on its first step)."""
+        for optimizer in (self.critic_optimizer, self.actor_optimizer):
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    if parameter.grad is None:
+                        parameter.grad = torch.zeros_like(parameter)
+                    state = optimizer.state[parameter]
+                    if not state:
+                        fused_or_capturable = bool(group.get("fused") or group.get("capturable"))
+                        state["step"] = (torch.zeros((), dtype=torch.float32, device=parameter.device)
+                                         if fused_or_capturable else torch.tensor(0.0, dtype=torch.float32))
+                        state["exp_avg"] = torch.zeros_like(parameter)
+                        state["exp_avg_sq"] = torch.zeros_like(parameter)
+                        if group["amsgrad"]:
+                            state["max_exp_avg_sq"] = torch.zeros_like(parameter)
+
+    @staticmethod
+    def _adam(optimizer: torch.optim.Optimizer) -> None:
+        """One Adam step from the gradients in place: the fused kernel called directly
+        (what ``Adam(fused=True).step`` does without its per-call Python), else ``step``."""
+        for group in optimizer.param_groups:
+            if not group.get("fused") or group["amsgrad"] or group.get("decoupled_weight_decay"):
+                optimizer.step()
+                return
+        for group in optimizer.param_groups:
+            params = group["params"]
+            state = [optimizer.state[p] for p in params]
+            steps = [s["step"] for s in state]
+            torch._foreach_add_(steps, 1)
+            beta1, beta2 = group["betas"]
+            torch._fused_adam_(
+                params, [p.grad for p in params], [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
+                [], steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+            )
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _actor_forward(self, layers: list[nn.Linear], obs: Tensor) -> list[Tensor]:
+        """Every layer's output (after its activation); the last is the action in [-1, 1]."""
+        outputs = []
+        h = obs
+        for index, layer in enumerate(layers):
+            h = torch.addmm(layer.bias, h, layer.weight.t())
+            if index < len(layers) - 1:
+                self.actor_activate(h)
+            else:
+                h.tanh_()
+            outputs.append(h)
+        return outputs
+
+    def _critics_forward(self, critic: FusedCritics, obs: Tensor, action: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """All critics' inputs to each layer, ``[x, h_1 .. h_L]`` (h as ``[n, batch, width]``),
+        and their Q-values, ``[n, batch, 1]``."""
+        n, width = critic.num_critics, critic.hidden[0]
+        x = torch.cat([obs, action], dim=1)
+        # the first layer straight into [n, batch, width] (a batched product over a shared x)
+        # rather than [batch, n * width] and a transposing copy
+        h = torch.baddbmm(critic.first_bias.view(n, 1, width), x.expand(n, *x.shape),
+                          critic.first_weight.view(x.shape[1], n, width).transpose(0, 1))
+        self.critic_activate(h)
+        inputs = [x, h]
+        for weight, bias in zip(critic.hidden_weights, critic.hidden_biases):
+            h = torch.baddbmm(bias, h, weight)
+            self.critic_activate(h)
+            inputs.append(h)
+        q = torch.baddbmm(critic.head_bias.unsqueeze(-1), h, critic.head_weight.transpose(1, 2))
+        return q, inputs
+
+    def _first_critic_forward(self, critic: FusedCritics, obs: Tensor, action: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Q_1(s, a) as ``[batch, 1]`` and its hidden outputs ``[h_1 .. h_L]``."""
+        width = critic.hidden[0]
+        x = torch.cat([obs, action], dim=1)
+        h = torch.addmm(critic.first_bias[:width], x, critic.first_weight[:, :width])
+        self.critic_activate(h)
+        hidden = [h]
+        for weight, bias in zip(critic.hidden_weights, critic.hidden_biases):
+            h = torch.addmm(bias[0, 0], h, weight[0])
+            self.critic_activate(h)
+            hidden.append(h)
+        return torch.addmm(critic.head_bias[0], h, critic.head_weight[0].t()), hidden
+
+    # ------------------------------------------------------------------ one update
+
+    @torch.no_grad()
+    def target(self, next_obs: Tensor, rewards: Tensor, discounts: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(y, min_i Q'_i)``, both ``[batch, 1]``; ``discounts`` is ``gamma (1 - terminated)``."""
+        next_action = self._actor_forward(self.target_actor, next_obs)[-1]
+        if noise is not None:
+            next_action.add_(noise).clamp_(-1.0, 1.0)
+        next_q, _ = self._critics_forward(self.module.target_critic, next_obs, next_action)
+        next_q = next_q.amin(0)
+        return torch.addcmul(rewards, discounts, next_q), next_q
+
+    @torch.no_grad()
+    def critic_step(self, obs: Tensor, actions: Tensor, td_target: Tensor) -> tuple[Tensor, Tensor]:
+        """One gradient step of ``sum_i mean_b (Q_i(s, a) - y)^2``; returns (loss, mean Q)."""
+        critic = self.module.critic
+        q, inputs = self._critics_forward(critic, obs, actions)
+        error = q - td_target
+        batch = obs.shape[0]
+        loss = torch.vdot(error.view(-1), error.view(-1)) / batch
+        grad = error.mul_(2.0 / batch)  # dL/dQ_i, [n, batch, 1]
+        # head: Q_i = h_L w_i + c_i
+        h = inputs[-1]
+        torch.bmm(grad.transpose(1, 2), h, out=critic.head_weight.grad)
+        torch.sum(grad, 1, out=critic.head_bias.grad)
+        grad = self.critic_gradient(grad * critic.head_weight, h)
+        # hidden layers, last to first: h_{k+1} = act(h_k W_k + b_k)
+        for k in range(len(critic.hidden_weights) - 1, -1, -1):
+            weight, h = critic.hidden_weights[k], inputs[k + 1]
+            torch.bmm(h.transpose(1, 2), grad, out=weight.grad)
+            torch.sum(grad, 1, keepdim=True, out=critic.hidden_biases[k].grad)
+            grad = self.critic_gradient(torch.bmm(grad, weight.transpose(1, 2)), h)
+        # first layer: all critics read x; critic i's columns are i * width .. (i + 1) * width
+        x, n, width = inputs[0], critic.num_critics, critic.hidden[0]
+        first_grad = torch.bmm(x.t().expand(n, *x.t().shape), grad)
+        critic.first_weight.grad.view(x.shape[1], n, width).copy_(first_grad.transpose(0, 1))
+        torch.sum(grad, 1, out=critic.first_bias.grad.view(n, width))
+        self._adam(self.critic_optimizer)
+        return loss, q.mean()
+
+    @torch.no_grad()
+    def actor_step(self, obs: Tensor) -> Tensor:
+        """One gradient step of ``-mean_b Q_1(s, mu(s))``, then the Polyak update of the
+        targets; returns the actor loss."""
+        critic = self.module.critic
+        outputs = self._actor_forward(self.actor, obs)
+        action = outputs[-1]
+        q, hidden = self._first_critic_forward(critic, obs, action)
+        loss = -q.mean()
+        batch = obs.shape[0]
+        # dL/da through critic 1, none of whose weights change here
+        grad = self.critic_gradient((critic.head_weight[0] * (-1.0 / batch)).expand(batch, -1), hidden[-1])
+        for k in range(len(critic.hidden_weights) - 1, -1, -1):
+            grad = self.critic_gradient(grad @ critic.hidden_weights[k][0].t(), hidden[k])
+        grad = grad @ critic.first_weight[self.obs_dim:, : critic.hidden[0]].t()
+        # through the actor: the output layer's tanh, then each Linear and activation
+        grad = _tanh_gradient(grad, action)
+        for k in range(len(self.actor) - 1, -1, -1):
+            layer = self.actor[k]
+            layer_input = outputs[k - 1] if k > 0 else obs
+            torch.mm(grad.t(), layer_input, out=layer.weight.grad)
+            torch.sum(grad, 0, out=layer.bias.grad)
+            if k > 0:
+                grad = self.actor_gradient(grad @ layer.weight, layer_input)
+        self._adam(self.actor_optimizer)
+        torch._foreach_lerp_(self.targets, self.online, self.tau)
+        return loss
