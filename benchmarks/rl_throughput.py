@@ -17,10 +17,11 @@ after a warm-up that fills the replay buffer:
     python benchmarks/rl_throughput.py --suite updates --repeats 3
 
 - ``updates``: the gradient-update loops alone, no environment: raysmith's TD3/RUD Learner
-  (``learn_block``'s loop) against SB3's ``TD3.train``, both on the same 5,000 HalfCheetah-v5
-  transitions from random actions; and the raysmith loop again under bfloat16 autocast
-  (matrix multiplies in bf16, everything else fp32), which this suite measures but raysmith
-  does not use for learning (its effect on learning is not measured).
+  (``learn_block``'s loop, hand-written gradients as it learns by default), the same Learner
+  through autograd (``fused_updates=False``), and SB3's ``TD3.train``, all on the same 5,000
+  HalfCheetah-v5 transitions from random actions. ``--only rud-updates-bf16`` adds the
+  autograd loop under bfloat16 autocast (matrix multiplies in bf16), which raysmith does not
+  use for learning (its effect on learning is not measured).
 
 Needs stable-baselines3 (`pip install stable-baselines3`).
 """
@@ -183,7 +184,8 @@ def measure_updates(name: str, env_id: str, updates: int) -> dict:
 
     from agents.rud import TD3Config
 
-    config = (TD3Config().environment(env_id).training(train_batch_size_per_learner=BATCH)
+    fused = name == "rud-updates"
+    config = (TD3Config().environment(env_id).training(train_batch_size_per_learner=BATCH, fused_updates=fused)
               .rl_module(model_config={"actor_hidden": [HIDDEN, HIDDEN], "critic_hidden": [HIDDEN, HIDDEN]}))
     learner = config.build_learner(env=gym.make(env_id))
     learner.replay.add(transitions)
@@ -211,12 +213,13 @@ def run_worker(name: str, args: argparse.Namespace) -> dict:
 
 LABELS = {"rud": "raysmith RUD (update_interval 1000)", "td3": "raysmith TD3", "sb3": "Stable-Baselines3 TD3",
           "nrowan": "raysmith NROWAN-DQN", "dqn": "raysmith DQN", "sb3dqn": "Stable-Baselines3 DQN",
-          "rud-updates": "raysmith TD3/RUD Learner loop", "rud-updates-bf16": "same, bf16 autocast (not used)",
+          "rud-updates": "raysmith TD3/RUD Learner loop", "rud-updates-autograd": "same through autograd",
+          "rud-updates-bf16": "autograd, bf16 autocast (not used)",
           "sb3-updates": "Stable-Baselines3 TD3.train"}
 SUITES = {
     "td3": {"env": "HalfCheetah-v5", "warmup": 2000, "steps": 5000, "only": "rud,td3,sb3", "peer": "sb3"},
     "dqn": {"env": "CartPole-v0", "warmup": 1000, "steps": 10000, "only": "nrowan,dqn,sb3dqn", "peer": "sb3dqn"},
-    "updates": {"env": "HalfCheetah-v5", "warmup": 0, "steps": 2000, "only": "rud-updates,rud-updates-bf16,sb3-updates",
+    "updates": {"env": "HalfCheetah-v5", "warmup": 0, "steps": 2000, "only": "rud-updates,rud-updates-autograd,sb3-updates",
                 "peer": "sb3-updates"},
 }
 
@@ -240,7 +243,7 @@ def main() -> None:
 
     if args.worker:
         measure = {"sb3": measure_sb3, "sb3dqn": measure_sb3_dqn}.get(args.worker)
-        if args.worker in SUITES["updates"]["only"].split(","):
+        if args.worker in (*SUITES["updates"]["only"].split(","), "rud-updates-bf16"):
             result = measure_updates(args.worker, args.env, args.steps)
         elif measure is not None:
             result = measure(args.env, args.warmup, args.steps)

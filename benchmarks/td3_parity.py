@@ -10,6 +10,7 @@ steps, and fused vs unfused Adam, stay far below it).
 
     python benchmarks/td3_parity.py                    # 4 updates, actor every 2nd
     python benchmarks/td3_parity.py --updates 10 --policy-delay 1
+    python benchmarks/td3_parity.py --autograd         # raysmith's autograd path (fused_updates=False)
 
 Needs stable-baselines3 (`pip install stable-baselines3`).
 """
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=4)
     parser.add_argument("--policy-delay", type=int, default=2)
     parser.add_argument("--tolerance", type=float, default=1e-5)
+    parser.add_argument("--autograd", action="store_true",
+                        help="raysmith's autograd update path instead of its hand-written gradients (the default)")
     args = parser.parse_args()
 
     from ray.rllib.core import DEFAULT_MODULE_ID
@@ -70,13 +73,16 @@ def main() -> None:
     torch.manual_seed(0)
     data = random_transitions(ENV, BATCH)  # Hopper falls often under random actions: some are terminal
     config = (TD3Config().environment(ENV)
-              .training(train_batch_size_per_learner=BATCH, policy_delay=args.policy_delay, target_noise=0.0)
+              .training(train_batch_size_per_learner=BATCH, policy_delay=args.policy_delay, target_noise=0.0,
+                        fused_updates=not args.autograd)
               .rl_module(model_config={"actor_hidden": [256, 256], "critic_hidden": [256, 256]}))
     learner = config.build_learner(env=gym.make(ENV))
     module = learner.module[DEFAULT_MODULE_ID]
     batch = {name: torch.as_tensor(values) for name, values in data.items()}
     learner.replay.add(data)
-    learner.replay.gather = lambda indices: batch  # every update sees the whole fixed batch
+    # every update sees the whole fixed batch (the Learner gathers several updates' rows at once)
+    learner.replay.gather = lambda indices: {
+        name: values.repeat(len(indices) // BATCH, *([1] * (values.dim() - 1))) for name, values in batch.items()}
 
     model = TD3("MlpPolicy", gym.make(ENV), learning_rate=3e-4, batch_size=BATCH, tau=0.005, gamma=0.99,
                 policy_delay=args.policy_delay, target_policy_noise=0.0, learning_starts=0,
@@ -95,7 +101,8 @@ def main() -> None:
     model.replay_buffer.sample = lambda *_, **__: samples
 
     print(f"{ENV}: {BATCH} transitions, {int(data['terminateds'].sum())} terminal; {args.updates} updates, "
-          f"policy delay {args.policy_delay}, no target smoothing")
+          f"policy delay {args.policy_delay}, no target smoothing; raysmith's "
+          f"{'autograd' if args.autograd else 'hand-written gradient'} path")
     before = max(compare(module, model).values())
     initial = {name: parameter.detach().clone() for name, parameter in module.named_parameters()}
     learner._updates(module, args.updates)
