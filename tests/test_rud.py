@@ -12,6 +12,7 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 
+from agents.common.replay import FIELDS, episodes_to_transitions
 from agents.rud import DDPGConfig, RUD, RUDConfig, TD3Config
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -197,6 +198,53 @@ def test_actions_are_rescaled_to_the_env_bounds():
             np.testing.assert_allclose(received, low + (normalized + 1) / 2 * (high - low), atol=1e-5)
         stored = learner_of(algo).replay.storage["actions"][:200]
         assert stored.abs().max() <= 1.0 and stored.abs().max() > 0.9  # random warm-up spans the box
+    finally:
+        algo.stop()
+
+
+def test_collected_blocks_equal_rllib_sampling():
+    """A block collected as plain transitions (TransitionEnvRunner.collect) is exactly what
+    RLlib's sample() gives for the same seeds: warm-up actions, then the noisy policy."""
+    runners = []
+    for _ in range(2):
+        algo = tiny(learning_starts=60).build_algo()
+        runners.append((algo, algo.env_runner_group.local_env_runner))
+    try:
+        torch.manual_seed(5)
+        collected = runners[0][1].collect(150, 0)  # Pendulum's episodes last 200 steps
+        torch.manual_seed(5)
+        runners[1][1].num_env_steps_sampled_lifetime = 0
+        sampled = episodes_to_transitions(runners[1][1].sample(num_timesteps=150))
+        for name in FIELDS:
+            np.testing.assert_allclose(collected[name], sampled[name], rtol=1e-6, atol=1e-6, err_msg=name)
+        assert collected["actions"][:60].std() > 0.4 and collected["actions"][60:].std() < 0.3
+    finally:
+        for algo, _ in runners:
+            algo.stop()
+
+
+def test_rllib_connectors_are_refused_before_anything_starts():
+    config = tiny().env_runners(env_to_module_connector=lambda env, spaces, device: [])
+    with pytest.raises(ValueError, match="applies no env-to-module or module-to-env connectors"):
+        config.validate()
+
+
+class RecordingProbe(ActionProbe):
+    received: list = []
+
+    def step(self, action):
+        RecordingProbe.received.append(np.array(action, np.float32))
+        return super().step(action)
+
+
+def test_collected_actions_are_rescaled_to_the_env_bounds():
+    algo = tiny(learning_starts=30).environment(RecordingProbe).build_algo()
+    try:
+        RecordingProbe.received.clear()
+        stored = algo.env_runner_group.local_env_runner.collect(60, 0)["actions"]
+        low, high = RecordingProbe.action_space.low, RecordingProbe.action_space.high
+        assert np.abs(stored).max() <= 1.0
+        np.testing.assert_allclose(np.stack(RecordingProbe.received), low + (stored + 1) / 2 * (high - low), atol=1e-5)
     finally:
         algo.stop()
 

@@ -21,17 +21,13 @@ sampled in parallel and the weights are synced after its updates.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
-import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
     ENV_RUNNER_SAMPLING_TIMER,
@@ -42,8 +38,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, set_provided, share_with_local_env_runner
-from agents.nrowan.nrowan_learner import RETURN_SO_FAR
-from agents.nrowan.nrowan_rl_module import is_image_space
+from agents.common.transition_env_runner import TransitionEnvRunner, collect_from_runners, is_image_space
 
 RETURN_BOUNDS: dict[str, tuple[float, float]] = {
     "CartPole-v0": (0.0, 200.0),
@@ -173,113 +168,6 @@ class NROWANConfig(AlgorithmConfig):
         }
 
 
-class TransitionEnvRunner(SingleAgentEnvRunner):
-    """A SingleAgentEnvRunner that also hands out plain transitions, cheaply.
-
-    :meth:`collect` steps the (synchronous) sub-environments itself and returns
-    (s, a, r, s', terminated, R+) arrays, with no episode objects or connectors per step, and
-    logs RLlib's usual episode and step metrics. ``sample()`` is RLlib's own, used for
-    evaluation; RLlib evaluates on the training EnvRunner when no evaluation EnvRunners
-    exist, so both paths share the environments: a ``sample()`` call after ``collect()``
-    starts its episodes from a reset, and the next ``collect()`` starts afresh too.
-    Observations reach the module as flat float32 vectors, or whole and in their own dtype
-    for image observations (``uint8[4, 84, 84]`` frame stacks stay uint8 into the replay buffer).
-    """
-
-    _collect_state: dict[str, Any] | None = None
-    _seeded: bool = False
-    _image_dtype: Any = None
-    _unlogged: tuple[int, int] = (0, 0)
-    """(env steps, episodes) collected since the last ``get_metrics()``: logged there, once,
-    instead of eight metric calls per one-step ``collect()``."""
-
-    def get_metrics(self):
-        steps, episodes = self._unlogged
-        if steps:
-            self._increase_sampled_metrics(steps, episodes)
-            self._unlogged = (0, 0)
-        return super().get_metrics()
-
-    def sample(self, **kwargs):
-        if self._collect_state is not None:
-            kwargs["force_reset"] = True  # collect() moved the envs on without RLlib's episodes
-            self._collect_state = None  # and RLlib's episodes will move them on without ours
-        return super().sample(**kwargs)
-
-    def _sub_envs(self) -> list[gym.Env]:
-        envs = getattr(self.env.unwrapped, "envs", None)
-        if envs is None:
-            raise ValueError("TransitionEnvRunner steps synchronous sub-environments; set "
-                             "gym_env_vectorize_mode='SYNC' (the default)")
-        return list(envs)
-
-    def _observation(self, observation: Any) -> np.ndarray:
-        if self._image_dtype is not None:
-            return np.asarray(observation, dtype=self._image_dtype)
-        return np.asarray(observation, dtype=np.float32).reshape(-1)
-
-    def _start(self, envs: list[gym.Env]) -> dict[str, Any]:
-        space = envs[0].observation_space
-        self._image_dtype = (np.uint8 if space.dtype == np.uint8 else np.float32) if is_image_space(space) else None
-        observations = []
-        for index, env in enumerate(envs):
-            # seed once; later restarts continue each env's random stream
-            seed = None if self._seed is None or self._seeded else int(self._seed) + index
-            observation, _ = env.reset(seed=seed)
-            observations.append(self._observation(observation))
-        self._seeded = True
-        count = len(envs)
-        return {"obs": np.stack(observations), "return": np.zeros(count), "length": np.zeros(count, dtype=np.int64),
-                "started": [time.perf_counter()] * count}
-
-    def collect(self, num_steps: int, lifetime: int) -> dict[str, np.ndarray]:
-        """About ``num_steps`` transitions (rounded up to whole rounds over the sub-envs),
-        acting with exploration after ``lifetime`` env steps."""
-        envs = self._sub_envs()
-        if self._collect_state is None:
-            self._collect_state = self._start(envs)
-        state = self._collect_state
-        count = len(envs)
-        rounds = max(1, math.ceil(num_steps / count))
-        size = rounds * count
-        obs_shape, obs_dtype = state["obs"].shape[1:], state["obs"].dtype
-        out = {
-            "obs": np.empty((size, *obs_shape), obs_dtype), "next_obs": np.empty((size, *obs_shape), obs_dtype),
-            "actions": np.empty(size, np.float32), "rewards": np.empty(size, np.float32),
-            "terminateds": np.zeros(size, np.float32), RETURN_SO_FAR: np.empty(size, np.float32),
-        }
-        module = self.module
-        episodes = 0
-        row = 0
-        for round_index in range(rounds):
-            actions = module.act(torch.from_numpy(state["obs"]), lifetime + row, explore=True).numpy()
-            for index, env in enumerate(envs):
-                action = int(actions[index])
-                next_obs, reward, terminated, truncated, _ = env.step(action)
-                next_obs = self._observation(next_obs)
-                state["return"][index] += reward
-                state["length"][index] += 1
-                out["obs"][row] = state["obs"][index]
-                out["next_obs"][row] = next_obs
-                out["actions"][row] = action
-                out["rewards"][row] = reward
-                out["terminateds"][row] = float(terminated)
-                out[RETURN_SO_FAR][row] = state["return"][index]
-                row += 1
-                if terminated or truncated:
-                    episodes += 1
-                    self._log_episode_metrics(int(state["length"][index]), float(state["return"][index]),
-                                              time.perf_counter() - state["started"][index])
-                    next_obs, _ = env.reset()
-                    next_obs = self._observation(next_obs)
-                    state["return"][index] = 0.0
-                    state["length"][index] = 0
-                    state["started"][index] = time.perf_counter()
-                state["obs"][index] = next_obs
-        self._unlogged = (self._unlogged[0] + size, self._unlogged[1] + episodes)
-        return out
-
-
 class NROWAN(UpdateCreditMixin, Algorithm):
     """Steps, transitions, updates. One ``train()`` call covers ``min_sample_timesteps_per_iteration`` env steps."""
 
@@ -318,7 +206,7 @@ class NROWAN(UpdateCreditMixin, Algorithm):
         sample_time = learn_time = 0.0
         while sampled < goal:
             started = time.perf_counter()
-            transitions = self._collect(int(config.update_interval), lifetime + sampled)
+            transitions = collect_from_runners(self, int(config.update_interval), lifetime + sampled)
             learning = time.perf_counter()
             steps = len(transitions["rewards"])
             sampled += steps
@@ -344,15 +232,6 @@ class NROWAN(UpdateCreditMixin, Algorithm):
         self.metrics.aggregate(self._runner_metrics(), key=ENV_RUNNER_RESULTS)
         learner_metrics = self.learner_group.foreach_learner(lambda learner: learner.reduce_metrics())
         self.metrics.aggregate([result.get() for result in learner_metrics], key=LEARNER_RESULTS)
-
-    def _collect(self, num_steps: int, lifetime: int) -> dict[str, np.ndarray]:
-        group = self.env_runner_group
-        if group.num_remote_env_runners() == 0:
-            return group.local_env_runner.collect(num_steps, lifetime)
-        per_runner = math.ceil(num_steps / max(1, group.num_healthy_remote_workers()))
-        parts = group.foreach_env_runner(lambda runner: runner.collect(per_runner, lifetime), local_env_runner=False,
-                                         timeout_seconds=self.config.sample_timeout_s)
-        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 class NoisyNetDQNConfig(NROWANConfig):

@@ -34,12 +34,11 @@ from agents.common.flat_parameters import FlatAdam, flatten_parameters
 from agents.common.learning_rates import apply_learning_rate_schedules
 from agents.common.off_policy import ReplayLearnerStateMixin
 from agents.common.replay import TransitionBuffer
+from agents.common.transition_env_runner import RETURN_SO_FAR
 from agents.nrowan.nrowan_rl_module import Q_VALUES, QNetwork
 from agents.nrowan.td_gradients import TDGradients, noise_level  # noqa: F401  (noise_level: part of this module's API)
 
 TD_TARGET = "td_target"
-RETURN_SO_FAR = "return_so_far"
-"""Replay column: R+, the episode's reward accumulated up to and including this transition."""
 
 
 def noise_weight(return_so_far: torch.Tensor, k_final: float, r_min: float, r_max: float) -> torch.Tensor:

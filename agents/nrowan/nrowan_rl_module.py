@@ -24,6 +24,7 @@ from torch import nn
 
 from agents.common.networks import ACTIVATIONS
 from agents.common.noisy import NoiseStream, NoisyLinear, factorised_noise
+from agents.common.transition_env_runner import is_image_space
 
 Q_VALUES = "q_values"
 
@@ -150,11 +151,6 @@ class ConvQNetwork(nn.Module):
                 noise: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         pixels = obs.float().div_(255.0) if obs.dtype == torch.uint8 else obs.float()
         return self.head(self.torso(pixels).flatten(1), noisy, noise)
-
-
-def is_image_space(space: gym.Space) -> bool:
-    """Observations that go through the convolutional torso: 3-D Boxes (channels first)."""
-    return isinstance(space, gym.spaces.Box) and len(space.shape) == 3
 
 
 def epsilon_at(step: float, start: float, final: float, decay: float) -> float:

@@ -23,6 +23,7 @@ Ornstein-Uhlenbeck noise, and actors are raysmith's plain MLPs (no layer norm).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -311,7 +312,20 @@ class ERL(RUD):
 
     def _sample_episodes(self, count: int, lifetime: int) -> list:
         """``count`` whole episodes of the RL agent (with exploration) from the EnvRunners."""
-        return self._sample_from_runners("num_episodes", count, lifetime) if count else []
+        if not count:
+            return []
+        group = self.env_runner_group
+
+        def sample(runner, share: int) -> list:
+            runner.num_env_steps_sampled_lifetime = lifetime  # where the random warm-up stands
+            return runner.sample(num_episodes=share)
+
+        if group.num_remote_env_runners() == 0:
+            return sample(group.local_env_runner, count)
+        per_runner = math.ceil(count / max(1, group.num_healthy_remote_workers()))
+        results = group.foreach_env_runner(lambda runner: sample(runner, per_runner), local_env_runner=False,
+                                           timeout_seconds=self.config.sample_timeout_s)
+        return [episode for sampled in results for episode in sampled]
 
     @classmethod
     def default_resource_request(cls, config):

@@ -7,14 +7,14 @@ collect a block of ``update_interval`` environment steps with the current policy
 again. ``update_interval=1`` is TD3; ``twin_q=False, policy_delay=1, target_noise=0`` with
 ``update_interval=1`` is DDPG (the TD3 paper's re-tuned "our DDPG", RUD's ablation baseline).
 
-The block is also the distributed design: EnvRunners sample a whole block in parallel (one
-RLlib call), then the Learner runs the block's updates in one tight loop
-(:class:`~agents.rud.rud_learner.RUDTorchLearner`), with no RLlib machinery per update.
+The block is also the distributed design: EnvRunners collect a whole block in parallel
+(:meth:`~agents.common.transition_env_runner.TransitionEnvRunner.collect`: plain
+transitions, no per-step connectors), then the Learner runs the block's updates in one tight
+loop (:class:`~agents.rud.rud_learner.RUDTorchLearner`), with no RLlib machinery per update.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import gymnasium as gym
@@ -34,7 +34,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, set_provided, share_with_local_env_runner
-from agents.common.replay import episodes_to_transitions
+from agents.common.transition_env_runner import TransitionEnvRunner, collect_from_runners
 from agents.rud.rud_rl_module import DEFAULT_MODEL_CONFIG
 
 
@@ -87,6 +87,9 @@ class RUDConfig(AlgorithmConfig):
         self.evaluation_config = AlgorithmConfig.overrides(explore=False)
         self.normalize_actions = True
         self.clip_actions = False
+        # blocks are collected as plain transitions (TransitionEnvRunner.collect), evaluation
+        # and ERL's episodes through RLlib's own sample()
+        self.env_runner_cls = TransitionEnvRunner
 
     def training(
         self,
@@ -182,8 +185,8 @@ class RUD(UpdateCreditMixin, Algorithm):
         sampled = 0
         while True:
             with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
-                episodes = self._sample_block(int(config.update_interval), lifetime)
-            steps = sum(len(episode) for episode in episodes)
+                transitions = collect_from_runners(self, int(config.update_interval), lifetime)
+            steps = len(transitions["rewards"]) if transitions else 0
             # learn only on steps after the random warm-up; carry fractions so that over a run
             # exactly updates_per_step updates happen per env step
             self._update_credit += max(0, lifetime + steps - max(lifetime, config.learning_starts)) * config.updates_per_step
@@ -191,7 +194,6 @@ class RUD(UpdateCreditMixin, Algorithm):
             self._update_credit -= num_updates
             lifetime += steps
             sampled += steps
-            transitions = episodes_to_transitions(episodes)
             timesteps = {NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime}
             with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
                 results = self.learner_group.foreach_learner(
@@ -207,34 +209,6 @@ class RUD(UpdateCreditMixin, Algorithm):
         self.metrics.aggregate(self._runner_metrics(), key=ENV_RUNNER_RESULTS)
         learner_metrics = self.learner_group.foreach_learner(lambda learner: learner.reduce_metrics())
         self.metrics.aggregate([result.get() for result in learner_metrics], key=LEARNER_RESULTS)
-
-    def _sample_block(self, num_steps: int, lifetime: int) -> list:
-        """``num_steps`` env steps from the EnvRunners, split evenly over the healthy ones.
-
-        Each runner first learns the lifetime step count: the module's random warm-up ends
-        at ``learning_starts`` exactly, not at the next iteration boundary (RLlib updates the
-        runners' counters once per iteration, TD3 iterations hold 1000 one-step blocks).
-        """
-        return self._sample_from_runners("num_timesteps", num_steps, lifetime)
-
-    def _sample_from_runners(self, unit: str, amount: int, lifetime: int) -> list:
-        """``amount`` of ``unit`` (RLlib's ``num_timesteps`` or ``num_episodes``) sampled by
-        the local EnvRunner, or split evenly (rounded up) over the healthy remote ones."""
-        group = self.env_runner_group
-
-        def sample(runner, share: int) -> list:
-            runner.num_env_steps_sampled_lifetime = lifetime
-            return runner.sample(**{unit: share})
-
-        if group.num_remote_env_runners() == 0:
-            return sample(group.local_env_runner, amount)
-        per_runner = math.ceil(amount / max(1, group.num_healthy_remote_workers()))
-        results = group.foreach_env_runner(
-            lambda runner: sample(runner, per_runner),
-            local_env_runner=False,
-            timeout_seconds=self.config.sample_timeout_s,
-        )
-        return [episode for sampled in results for episode in sampled]
 
 
 class TD3Config(RUDConfig):

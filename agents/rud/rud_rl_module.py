@@ -68,19 +68,27 @@ class RUDTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         return self.obs_norm(obs.reshape(obs.shape[0], -1).float())
 
     @torch.no_grad()
-    def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        """The deterministic policy (evaluation)."""
-        return {Columns.ACTIONS: self.actor(self._observations(batch))}
+    def act(self, obs: torch.Tensor, t: float, explore: bool) -> torch.Tensor:
+        """Actions in [-1, 1], ``[batch, act_dim]``, for raw observations after ``t`` env steps.
 
-    @torch.no_grad()
-    def _forward_exploration(self, batch: dict[str, Any], t: int = 0, **kwargs) -> dict[str, Any]:
-        """Uniform random actions before ``learning_starts`` env steps, then mu(s) + N(0, sigma)."""
-        obs = self._observations(batch)
+        Exploring: uniform random actions before ``learning_starts`` env steps, then
+        mu(s) + N(0, sigma) clipped to [-1, 1]; otherwise the deterministic mu(s).
+        """
+        obs = self.obs_norm(obs.reshape(obs.shape[0], -1).float())
+        if not explore:
+            return self.actor(obs)
         if t < self.learning_starts:
-            return {Columns.ACTIONS: torch.rand(obs.shape[0], self.act_dim, device=obs.device) * 2 - 1}
+            return torch.rand(obs.shape[0], self.act_dim, device=obs.device) * 2 - 1
         action = self.actor(obs)
         noise = torch.randn_like(action) * self.exploration_noise
-        return {Columns.ACTIONS: (action + noise).clamp(-1.0, 1.0)}
+        return (action + noise).clamp(-1.0, 1.0)
+
+    def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        """The deterministic policy (evaluation)."""
+        return {Columns.ACTIONS: self.act(batch[Columns.OBS], 0, explore=False)}
+
+    def _forward_exploration(self, batch: dict[str, Any], t: int = 0, **kwargs) -> dict[str, Any]:
+        return {Columns.ACTIONS: self.act(batch[Columns.OBS], t, explore=True)}
 
     # ---------------------------------------------------------------- learning
 
