@@ -15,7 +15,11 @@ after a warm-up that fills the replay buffer:
     python benchmarks/rl_throughput.py --steps 2000 --only rud,sb3
     python benchmarks/rl_throughput.py --suite dqn --threads 1 --repeats 3
     python benchmarks/rl_throughput.py --suite updates --repeats 3
+    python benchmarks/rl_throughput.py --suite sampling --repeats 3
 
+- ``sampling``: env steps per second of sampling alone with RUD's exploring policy on the
+  driver's EnvRunner: RLlib's ``sample()`` (connectors and episodes per step) against
+  raysmith's ``TransitionEnvRunner.collect`` (what RUD, TD3 and DDPG use for their blocks).
 - ``updates``: the gradient-update loops alone, no environment: raysmith's TD3/RUD Learner
   (``learn_block``'s loop, hand-written gradients as it learns by default), the same Learner
   through autograd (``fused_updates=False``), and SB3's ``TD3.train``, all on the same 5,000
@@ -198,6 +202,36 @@ def measure_updates(name: str, env_id: str, updates: int) -> dict:
     return {"updates_per_s": updates / (time.perf_counter() - start), "updates": updates}
 
 
+def measure_sampling(name: str, env_id: str, warmup: int, steps: int) -> dict:
+    """Env steps per second of sampling alone with RUD's policy (exploring, after the warm-up):
+    RLlib's ``SingleAgentEnvRunner.sample`` against raysmith's ``TransitionEnvRunner.collect``,
+    on the same driver-side EnvRunner."""
+    import ray
+
+    from agents.rud import RUDConfig
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    algo = (RUDConfig().environment(env_id).training(learning_starts=0)
+            .rl_module(model_config={"actor_hidden": [HIDDEN, HIDDEN], "critic_hidden": [HIDDEN, HIDDEN]})
+            .debugging(seed=0).build_algo())
+    runner = algo.env_runner_group.local_env_runner
+    runner.num_env_steps_sampled_lifetime = warmup
+
+    def run(count: int) -> None:
+        if name == "collect":
+            runner.collect(count, warmup)
+        else:
+            runner.sample(num_timesteps=count)
+
+    run(warmup)
+    start = time.perf_counter()
+    run(steps)
+    elapsed = time.perf_counter() - start
+    algo.stop()
+    ray.shutdown()
+    return {"steps_per_s": steps / elapsed, "env_steps": steps}
+
+
 def run_worker(name: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--env", args.env,
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
@@ -215,12 +249,15 @@ LABELS = {"rud": "raysmith RUD (update_interval 1000)", "td3": "raysmith TD3", "
           "nrowan": "raysmith NROWAN-DQN", "dqn": "raysmith DQN", "sb3dqn": "Stable-Baselines3 DQN",
           "rud-updates": "raysmith TD3/RUD Learner loop", "rud-updates-autograd": "same through autograd",
           "rud-updates-bf16": "autograd, bf16 autocast (not used)",
-          "sb3-updates": "Stable-Baselines3 TD3.train"}
+          "sb3-updates": "Stable-Baselines3 TD3.train", "rllib-sample": "RLlib SingleAgentEnvRunner.sample",
+          "collect": "raysmith TransitionEnvRunner.collect"}
 SUITES = {
     "td3": {"env": "HalfCheetah-v5", "warmup": 2000, "steps": 5000, "only": "rud,td3,sb3", "peer": "sb3"},
     "dqn": {"env": "CartPole-v0", "warmup": 1000, "steps": 10000, "only": "nrowan,dqn,sb3dqn", "peer": "sb3dqn"},
     "updates": {"env": "HalfCheetah-v5", "warmup": 0, "steps": 2000, "only": "rud-updates,rud-updates-autograd,sb3-updates",
                 "peer": "sb3-updates"},
+    "sampling": {"env": "HalfCheetah-v5", "warmup": 1000, "steps": 5000, "only": "rllib-sample,collect",
+                 "peer": "rllib-sample"},
 }
 
 
@@ -245,13 +282,15 @@ def main() -> None:
         measure = {"sb3": measure_sb3, "sb3dqn": measure_sb3_dqn}.get(args.worker)
         if args.worker in (*SUITES["updates"]["only"].split(","), "rud-updates-bf16"):
             result = measure_updates(args.worker, args.env, args.steps)
+        elif args.worker in SUITES["sampling"]["only"].split(","):
+            result = measure_sampling(args.worker, args.env, args.warmup, args.steps)
         elif measure is not None:
             result = measure(args.env, args.warmup, args.steps)
         else:
             result = measure_raysmith(args.worker, args.env, args.warmup, args.steps)
         print(json.dumps(result), flush=True)
         return
-    if args.suite == "dqn":
+    if args.suite in ("dqn", "sampling"):
         run_suite(args, suite["peer"], ceiling=None)
         return
 
