@@ -131,15 +131,23 @@ def paired_learners(config_class=RUDConfig, model=None, **training):
     (TD3Config, {"activation": "tanh", "critic_hidden": [32, 16, 8], "actor_hidden": [16]}, {}),
     (TD3Config, {"activation": "elu"}, {"normalize_observations": True, "policy_delay": 3}),
 ])
-def test_fused_updates_equal_autograd_updates(preset, model, training):
+def test_fused_updates_equal_autograd_updates(preset, model, training, monkeypatch):
     """The hand-written gradients (fused_update.py) and autograd give the same networks,
-    targets, Adam moments and metrics after updates that moved the weights."""
+    targets, Adam moments and metrics after updates that moved the weights, across
+    minibatch-gathering chunks and a change of learning rates between blocks."""
+    from agents.rud.rud_learner import RUDTorchLearner
+
+    monkeypatch.setattr(RUDTorchLearner, "GATHER_ROWS", 5 * 64)  # chunks of 5 updates
     reference, fused = paired_learners(preset, model, **training)
     assert fused._build_fused(fused.module[DEFAULT_MODULE_ID]) is not None
     assert reference._build_fused(reference.module[DEFAULT_MODULE_ID]) is None
     before = {k: v.clone() for k, v in reference.module[DEFAULT_MODULE_ID].state_dict().items()}
     for learner in (reference, fused):
-        learner._updates(learner.module[DEFAULT_MODULE_ID], 12)
+        learner._updates(learner.module[DEFAULT_MODULE_ID], 7)
+        for optimizer in learner._named_optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3  # as a schedule or PBT would set it
+        learner._updates(learner.module[DEFAULT_MODULE_ID], 8)
     after = reference.module[DEFAULT_MODULE_ID].state_dict()
     moved = max((after[name] - before[name]).abs().max().item() for name in after)
     assert moved > 1e-3

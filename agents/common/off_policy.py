@@ -27,7 +27,10 @@ def replay_config_errors(config: Any, name: str) -> list[str]:
         errors.append(f"grad_clip is not part of {name} and is not applied; leave it unset")
     if config.is_multi_agent:
         errors.append(f"{name} is single-agent")
-    if config._env_to_module_connector is not None or config._module_to_env_connector is not None:
+    from agents.common.transition_env_runner import TransitionEnvRunner
+
+    collects = isinstance(config.env_runner_cls, type) and issubclass(config.env_runner_cls, TransitionEnvRunner)
+    if collects and (config._env_to_module_connector is not None or config._module_to_env_connector is not None):
         errors.append(f"{name} collects its env steps as plain transitions (TransitionEnvRunner.collect), which "
                       "applies no env-to-module or module-to-env connectors; remove them (observation "
                       "normalisation, where the algorithm has it, is a training setting)")

@@ -112,6 +112,9 @@ class TransitionEnvRunner(SingleAgentEnvRunner):
         space = envs[0].action_space
         if isinstance(space, gym.spaces.Discrete):
             return np.int64, (), int
+        if not (isinstance(space, gym.spaces.Box) and np.issubdtype(space.dtype, np.floating)
+                and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+            raise ValueError(f"collect() acts in Discrete spaces or float Boxes with finite bounds; got {space}")
         low, high = space.low.astype(np.float32), space.high.astype(np.float32)
         if self.config.normalize_actions:
             return np.float32, space.shape, lambda action: np.clip(low + (action + 1.0) * (high - low) / 2.0, low, high)

@@ -208,7 +208,7 @@ class NROWAN(UpdateCreditMixin, Algorithm):
             started = time.perf_counter()
             transitions = collect_from_runners(self, int(config.update_interval), lifetime + sampled)
             learning = time.perf_counter()
-            steps = len(transitions["rewards"])
+            steps = len(transitions["rewards"]) if transitions else 0  # {}: no runner answered
             sampled += steps
             self._update_credit += steps * config.updates_per_step
             num_updates = int(self._update_credit)

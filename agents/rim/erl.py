@@ -69,6 +69,8 @@ class ERLConfig(DDPGConfig):
 
     def __init__(self, algo_class: type | None = None):
         super().__init__(algo_class=algo_class or ERL)
+        # the RL agent samples whole episodes through RLlib's own EnvRunner (connectors apply)
+        self.env_runner_cls = None
         self.population_size: int = 10
         self.elite_fraction: float = 0.1
         """Share of the population kept unchanged (at least one member)."""

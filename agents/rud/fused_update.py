@@ -19,7 +19,9 @@ the result equals the autograd path to float rounding (``tests/test_rud.py`` che
 from the same weights on the same minibatches).
 
 It applies to :class:`~agents.rud.rud_rl_module.RUDTorchRLModule`'s own networks
-(:func:`supports`); a module with other networks learns through autograd.
+(:func:`supports`); a module with other networks learns through autograd. Fused Adam is
+called directly, so optimizer step hooks do not run (AMSGrad, AdamW and unfused
+optimizers go through ``Optimizer.step``).
 """
 
 from __future__ import annotations
