@@ -97,18 +97,18 @@ class FusedTD3Update:
     """Runs TD3 updates on ``module``'s parameters with ``critic_optimizer`` and
     ``actor_optimizer`` (torch Adam), writing gradients by hand.
 
-    ``gamma`` is the discount, ``tau`` the Polyak coefficient, ``policy_delay`` the critic
-    steps per actor step; ``step`` counts critic steps, as the Learner does.
+    ``tau`` is the Polyak coefficient. The caller folds the discount into the ``discounts``
+    it passes to :meth:`target` and decides when to take an actor step (``policy_delay``).
     """
 
     def __init__(self, module: nn.Module, critic_optimizer: torch.optim.Optimizer,
-                 actor_optimizer: torch.optim.Optimizer, *, gamma: float, tau: float, policy_delay: int):
+                 actor_optimizer: torch.optim.Optimizer, *, tau: float):
         if not supports(module):
             raise ValueError("FusedTD3Update needs RUDTorchRLModule's stock float32 networks")
         self.module = module
         self.critic_optimizer = critic_optimizer
         self.actor_optimizer = actor_optimizer
-        self.gamma, self.tau, self.policy_delay = gamma, tau, policy_delay
+        self.tau = tau
         self.actor, actor_activation = _actor_layers(module.actor)
         self.target_actor, _ = _actor_layers(module.target_actor)
         self.actor_activate, self.actor_gradient = _ACTIVATE[actor_activation], _GRADIENT[actor_activation]

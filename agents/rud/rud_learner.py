@@ -152,11 +152,9 @@ class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
     def _build_fused(self, module) -> FusedTD3Update | None:
         if not (self.config.fused_updates and supports(module)):
             return None
-        config = self.config
         return FusedTD3Update(
             module, self.get_optimizer(DEFAULT_MODULE_ID, CRITIC_OPTIMIZER),
-            self.get_optimizer(DEFAULT_MODULE_ID, ACTOR_OPTIMIZER),
-            gamma=config.gamma, tau=config.tau, policy_delay=config.policy_delay,
+            self.get_optimizer(DEFAULT_MODULE_ID, ACTOR_OPTIMIZER), tau=self.config.tau,
         )
 
     def _fused_updates(self, module, indices: torch.Tensor, noise: torch.Tensor | None) -> None:
