@@ -11,6 +11,9 @@ deviation over seeds, and the mean of the last three evaluations) and writes it 
     python benchmarks/rl_learning.py --summary-only     # table from what is recorded
     python benchmarks/rl_learning.py --summary-only --plot docs/rl_learning.png
 
+``--merge A.json B.json`` adds the seeds recorded in earlier JSON outputs (runs made in
+another tree or MLflow store) to the table, the statistics and the plot.
+
 ``--parallel 2`` runs two at a time with one math thread each, which gets more env steps
 per second out of 2 cores than one run with two threads (sampling is single-threaded).
 
@@ -172,6 +175,19 @@ def sb3_td3(task: str, seed: int, args: argparse.Namespace) -> None:
         model.learn(args.steps, callback=Evaluate())
 
 
+def row(curves: dict[int, list]) -> dict:
+    """One table row from each seed's evaluation curve, ``[(env step, return), ...]``."""
+    finals = [curve[-1][1] for curve in curves.values()]
+    return {
+        "seeds": len(finals),
+        "final_mean": statistics.fmean(finals),
+        "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+        "last3_mean": statistics.fmean(statistics.fmean(value for _, value in curve[-3:]) for curve in curves.values()),
+        "finals": finals,
+        "curves": curves,
+    }
+
+
 def summarise(args: argparse.Namespace) -> dict:
     from mlflow.tracking import MlflowClient
 
@@ -179,25 +195,42 @@ def summarise(args: argparse.Namespace) -> dict:
     runs = finished_runs(args.tracking_uri)
     table: dict = {}
     for task, algorithm in itertools.product(args.tasks, args.algorithms):
-        finals, tails, curves = [], [], {}
+        curves = {}
         for seed in args.seeds:
             run_id = runs.get(run_name(algorithm, task, seed, args.steps))
-            if run_id is None:
-                continue
-            history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "evaluation/return_mean"))
-            curves[seed] = history
-            finals.append(history[-1][1])
-            tails.append(statistics.fmean(value for _, value in history[-3:]))
-        if finals:
-            table.setdefault(task, {})[algorithm] = {
-                "seeds": len(finals),
-                "final_mean": statistics.fmean(finals),
-                "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
-                "last3_mean": statistics.fmean(tails),
-                "finals": finals,
-                "curves": curves,
-            }
+            if run_id is not None:
+                curves[seed] = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "evaluation/return_mean"))
+        if curves:
+            table.setdefault(task, {})[algorithm] = row(curves)
     return table
+
+
+def merge(table: dict, paths: list[str], args: argparse.Namespace) -> dict:
+    """``table`` with the seeds recorded in earlier JSON outputs of this script added (runs
+    made in other trees or MLflow stores), for the chosen tasks, algorithms and seeds. The
+    same seed found twice with different curves is refused."""
+    curves: dict = {task: {algorithm: dict(entry["curves"]) for algorithm, entry in rows.items()}
+                    for task, rows in table.items()}
+    for path in paths:
+        recorded = json.loads(Path(path).read_text())
+        if recorded.get("steps") != args.steps:
+            raise SystemExit(f"{path} holds {recorded.get('steps')}-step runs, not --steps {args.steps}")
+        for task, rows in recorded["results"].items():
+            for algorithm, entry in rows.items():
+                if task not in args.tasks or algorithm not in args.algorithms:
+                    continue
+                known = curves.setdefault(task, {}).setdefault(algorithm, {})
+                for seed, curve in entry["curves"].items():
+                    seed, curve = int(seed), [tuple(point) for point in curve]
+                    if seed not in args.seeds:
+                        continue
+                    if seed in known and [tuple(point) for point in known[seed]] != curve:
+                        raise SystemExit(f"{task} {algorithm} seed {seed} is recorded twice with different "
+                                         f"curves (in {path} and an earlier source); keep one of them")
+                    known[seed] = curve
+    return {task: {algorithm: row(dict(sorted(seeds.items()))) for algorithm in args.algorithms
+                   if (seeds := rows.get(algorithm))}
+            for task in args.tasks if (rows := curves.get(task))}
 
 
 def markdown(table: dict, steps: int) -> str:
@@ -258,6 +291,8 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "rl_learning.json"))
     parser.add_argument("--plot", help="also draw the learning curves to this PNG")
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                        help="also take the seeds recorded in these earlier JSON outputs")
     parser.add_argument("--sb3-worker", nargs=2, metavar=("TASK", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sb3_worker:
@@ -277,6 +312,8 @@ def main() -> None:
                 print(f"  {name}: {'ok' if code == 0 else f'FAILED ({code})'} in {seconds / 60:.1f} min", flush=True)
 
     table = summarise(args)
+    if args.merge:
+        table = merge(table, args.merge, args)
     Path(args.json).write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "results": table}, indent=1))
     print(markdown(table, args.steps))
     if args.plot and table:
