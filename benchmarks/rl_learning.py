@@ -205,17 +205,30 @@ def summarise(args: argparse.Namespace) -> dict:
     return table
 
 
-def merge(table: dict, paths: list[str], args: argparse.Namespace) -> dict:
-    """``table`` with the seeds recorded in earlier JSON outputs of this script added (runs
-    made in other trees or MLflow stores), for the chosen tasks, algorithms and seeds. The
+def read_recorded(paths: list[str], steps: int) -> list[tuple[str, dict]]:
+    """Earlier JSON outputs of this script, checked before any run starts."""
+    recorded = []
+    for path in paths:
+        try:
+            content = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--merge {path}: cannot be read as JSON ({error})") from None
+        if not isinstance(content, dict) or not isinstance(content.get("results"), dict):
+            raise SystemExit(f"--merge {path}: not an output of this script (it has no 'results' table)")
+        if content.get("steps") != steps:
+            raise SystemExit(f"--merge {path}: holds {content.get('steps')}-step runs, not --steps {steps}")
+        recorded.append((path, content["results"]))
+    return recorded
+
+
+def merge(table: dict, recorded: list[tuple[str, dict]], args: argparse.Namespace) -> dict:
+    """``table`` with the seeds of earlier JSON outputs (:func:`read_recorded`: runs made in
+    other trees or MLflow stores) added, for the chosen tasks, algorithms and seeds. The
     same seed found twice with different curves is refused."""
     curves: dict = {task: {algorithm: dict(entry["curves"]) for algorithm, entry in rows.items()}
                     for task, rows in table.items()}
-    for path in paths:
-        recorded = json.loads(Path(path).read_text())
-        if recorded.get("steps") != args.steps:
-            raise SystemExit(f"{path} holds {recorded.get('steps')}-step runs, not --steps {args.steps}")
-        for task, rows in recorded["results"].items():
+    for path, results in recorded:
+        for task, rows in results.items():
             for algorithm, entry in rows.items():
                 if task not in args.tasks or algorithm not in args.algorithms:
                     continue
@@ -224,7 +237,7 @@ def merge(table: dict, paths: list[str], args: argparse.Namespace) -> dict:
                     seed, curve = int(seed), [tuple(point) for point in curve]
                     if seed not in args.seeds:
                         continue
-                    if seed in known and [tuple(point) for point in known[seed]] != curve:
+                    if seed in known and known[seed] != curve:
                         raise SystemExit(f"{task} {algorithm} seed {seed} is recorded twice with different "
                                          f"curves (in {path} and an earlier source); keep one of them")
                     known[seed] = curve
@@ -300,6 +313,7 @@ def main() -> None:
         sb3_td3(args.sb3_worker[0], int(args.sb3_worker[1]), args)
         return
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    recorded = read_recorded(args.merge, args.steps)
 
     if not args.summary_only:
         done = finished_runs(args.tracking_uri)
@@ -312,8 +326,8 @@ def main() -> None:
                 print(f"  {name}: {'ok' if code == 0 else f'FAILED ({code})'} in {seconds / 60:.1f} min", flush=True)
 
     table = summarise(args)
-    if args.merge:
-        table = merge(table, args.merge, args)
+    if recorded:
+        table = merge(table, recorded, args)
     Path(args.json).write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "results": table}, indent=1))
     print(markdown(table, args.steps))
     if args.plot and table:
