@@ -208,7 +208,9 @@ class FusedTD3Update:
 
     @torch.no_grad()
     def target(self, next_obs: Tensor, rewards: Tensor, discounts: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(y, min_i Q'_i)``, both ``[batch, 1]``; ``discounts`` is ``gamma (1 - terminated)``."""
+        """``(y, min_i Q'_i)``, both ``[batch, 1]``; ``discounts`` is ``gamma (1 - terminated)``.
+        The rows may be several updates' minibatches stacked, as long as the target networks
+        do not change between those updates."""
         next_action = self._actor_forward(self.target_actor, next_obs)[-1]
         if noise is not None:
             next_action.add_(noise).clamp_(-1.0, 1.0)

@@ -4,7 +4,10 @@ The Algorithm hands over one block of fresh transitions and the number of gradie
 to run (:meth:`RUDTorchLearner.learn_block`). The loop draws every minibatch index and all
 target-smoothing noise for the block up front and then does only tensor work per update:
 target, critic step, and every ``policy_delay`` updates an actor step and a Polyak update
-of both target networks (one ``_foreach_lerp_``). With the stock networks the updates run
+of both target networks (one ``_foreach_lerp_``). The target networks change only at that
+Polyak update, so on the hand-written path the ``policy_delay`` updates that share them get
+their TD targets from one forward pass over their stacked minibatches (the same values as
+one pass per update, to float rounding). With the stock networks the updates run
 with hand-written gradients (:mod:`agents.rud.fused_update`, ``fused_updates=True``, the
 default), otherwise through autograd; both give the same weights to float rounding.
 Metrics are summed as tensors and reported once per iteration
@@ -173,18 +176,29 @@ class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
             actions = batch["actions"].view(count, batch_size, -1)
             rewards = batch["rewards"].view(count, batch_size, 1)
             discounts = (1.0 - batch["terminateds"]).mul_(self.config.gamma).view(count, batch_size, 1)
-            for k in range(count):
-                smoothing = None if noise is None else noise[first + k]
-                td_target, next_q = fused.target(next_obs[k], rewards[k], discounts[k], smoothing)
-                critic_loss, q_mean = fused.critic_step(obs[k], actions[k], td_target)
-                totals[0] += critic_loss
-                totals[1] += q_mean
-                totals[3] += next_q.mean()
-                self.critic_updates += 1
-                if self.critic_updates % delay == 0:
-                    totals[2] += fused.actor_step(obs[k])
-                    self._actor_steps_since_reduce += 1
-                    self.actor_updates += 1
+            k = 0
+            while k < count:
+                # the target networks change only at an actor step, so the targets of the
+                # updates up to and including the next one come from the same networks:
+                # one forward pass over their stacked minibatches
+                group = min(count - k, delay - self.critic_updates % delay)
+                rows_k = slice(k, k + group)
+                smoothing = None if noise is None else noise[first + k : first + k + group].reshape(-1, noise.shape[-1])
+                td_targets, next_q = fused.target(next_obs[rows_k].reshape(group * batch_size, -1),
+                                                  rewards[rows_k].reshape(-1, 1), discounts[rows_k].reshape(-1, 1),
+                                                  smoothing)
+                totals[3] += next_q.sum() / batch_size
+                td_targets = td_targets.view(group, batch_size, 1)
+                for j in range(k, k + group):
+                    critic_loss, q_mean = fused.critic_step(obs[j], actions[j], td_targets[j - k])
+                    totals[0] += critic_loss
+                    totals[1] += q_mean
+                    self.critic_updates += 1
+                    if self.critic_updates % delay == 0:
+                        totals[2] += fused.actor_step(obs[j])
+                        self._actor_steps_since_reduce += 1
+                        self.actor_updates += 1
+                k += group
 
     def _autograd_updates(self, module, indices: torch.Tensor, noise: torch.Tensor | None) -> None:
         """The same updates through autograd and ``Optimizer.step``: for modules with other
