@@ -14,6 +14,7 @@ from ray.rllib.core.columns import Columns
 
 from agents.common.replay import FIELDS, episodes_to_transitions
 from agents.rud import DDPGConfig, RUD, RUDConfig, TD3Config
+from agents.rud.rud_rl_module import DEFAULT_MODEL_CONFIG
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -101,6 +102,50 @@ def test_td3_and_ddpg_presets():
         assert learner.module[DEFAULT_MODULE_ID].critic.num_critics == 1
     finally:
         algo.stop()
+
+
+def test_defaults_are_the_td3_papers_and_rud_blocks_are_one_episode():
+    config = RUDConfig()
+    assert (config.update_interval, config.updates_per_step, config.learning_starts) == (1000, 1.0, 25_000)
+    assert (config.actor_lr, config.critic_lr, config.train_batch_size_per_learner, config.gamma, config.tau) == (
+        3e-4, 3e-4, 256, 0.99, 0.005)
+    assert (config.twin_q, config.policy_delay, config.target_noise, config.target_noise_clip,
+            config.exploration_noise) == (True, 2, 0.2, 0.5, 0.1)
+    assert DEFAULT_MODEL_CONFIG["actor_hidden"] == DEFAULT_MODEL_CONFIG["critic_hidden"] == [256, 256]
+
+
+def test_envs_it_cannot_learn_on_are_refused_before_anything_starts():
+    with pytest.raises(ValueError, match=r"TD3 cannot run on CartPole-v1: .*need continuous actions"):
+        TD3Config().environment("CartPole-v1").build_algo()
+    with pytest.raises(ValueError, match=r"unknown gymnasium environment 'HalfCheetah-v9'; did you mean 'HalfCheetah-v5'"):
+        RUDConfig().environment("HalfCheetah-v9").build_algo()
+
+
+def test_model_config_may_not_contradict_the_training_settings():
+    with pytest.raises(ValueError, match=r"model_config sets learning_starts=5 but the training setting is 150"):
+        tiny().rl_module(model_config={**TINY_MODEL, "learning_starts": 5}).validate()
+    tiny().rl_module(model_config={**TINY_MODEL, "learning_starts": 150}).validate()  # agreeing is fine
+
+
+@pytest.mark.parametrize("std, clip, clipped", [(0.2, 0.5, (0.0, 0.03)), (1.0, 0.5, (0.55, 0.68))])
+def test_target_smoothing_noise_has_its_std_and_is_clipped(std, clip, clipped, monkeypatch):
+    config = (RUDConfig().environment("Pendulum-v1")
+              .training(train_batch_size_per_learner=256, target_noise=std, target_noise_clip=clip)
+              .rl_module(model_config=TINY_MODEL).debugging(seed=0))
+    learner = config.build_learner(env=gym.make("Pendulum-v1"))
+    learner.replay.add({name: np.zeros((300, width), np.float32) for name, width in
+                        (("obs", 3), ("actions", 1), ("rewards", 1), ("next_obs", 3), ("terminateds", 1))})
+    drawn = []
+    monkeypatch.setattr(learner, "_fused_updates", lambda module, indices, noise: drawn.append(noise))
+    learner._updates(learner.module[DEFAULT_MODULE_ID], 20)
+    [noise] = drawn
+    assert noise.shape == (20, 256, 1)
+    assert noise.abs().max() <= clip
+    # P(|N(0, std)| > clip): 1.2 % for std 0.2, 62 % for std 1.0
+    at_clip = (noise.abs() == clip).float().mean().item()
+    assert clipped[0] <= at_clip <= clipped[1]
+    if std < clip:
+        assert abs(noise.std().item() - std) < 0.02
 
 
 def paired_learners(config_class=RUDConfig, model=None, **training):

@@ -300,3 +300,6 @@ def test_model_settings_are_checked(tmp_path):
     assert "model.fcnet_hidens: unknown PPO model setting" in message and "'fcnet_hiddens'" in message
     [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5") + "model: {actor_hiden: [64]}\n")
     assert "model.actor_hiden" in message and "'actor_hidden'" in message
+    # the module's training settings belong in training:, where the spec's other checks see them
+    [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5") + "model: {learning_starts: 10}\n")
+    assert "model.learning_starts" in message and "allowed: activation, actor_hidden, critic_hidden" in message

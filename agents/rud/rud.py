@@ -15,6 +15,7 @@ loop (:class:`~agents.rud.rud_learner.RUDTorchLearner`), with no RLlib machinery
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import gymnasium as gym
@@ -35,7 +36,6 @@ from ray.rllib.utils.metrics import (
 
 from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, set_provided, share_with_local_env_runner
 from agents.common.transition_env_runner import TransitionEnvRunner, collect_from_runners
-from agents.rud.rud_rl_module import DEFAULT_MODEL_CONFIG
 
 
 class RUDConfig(AlgorithmConfig):
@@ -127,6 +127,14 @@ class RUDConfig(AlgorithmConfig):
             value = getattr(self, name)
             if isinstance(value, (int, float)) and value <= 0:
                 errors.append(f"{name} must be positive, got {value}")
+        # training settings the module reads through its model config: RLlib lets a value in
+        # rl_module(model_config=...) win, which would let the two disagree silently
+        own = self._model_config_auto_includes
+        user = self._model_config if isinstance(self._model_config, dict) else {}
+        for key in sorted(own.keys() - AlgorithmConfig._model_config_auto_includes.fget(self).keys()):
+            if key in user and user[key] != own[key]:
+                errors.append(f"model_config sets {key}={user[key]!r} but the training setting is {own[key]!r}; "
+                              f"set it with .training({key}=...) only")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -153,8 +161,10 @@ class RUDConfig(AlgorithmConfig):
 class RUD(UpdateCreditMixin, Algorithm):
     """Collect a block, learn on it, repeat. One ``train()`` call is one block."""
 
-    model_config_keys = tuple(DEFAULT_MODEL_CONFIG)
-    """What ``rl_module(model_config=...)`` may set (network sizes, activation)."""
+    model_config_keys = ("actor_hidden", "critic_hidden", "activation")
+    """What ``rl_module(model_config=...)`` may set: the networks. The module's other settings
+    (``twin_q``, ``exploration_noise``, ``learning_starts``, ``normalize_observations``) come
+    from ``training()``."""
 
     @staticmethod
     def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> str | None:
@@ -171,7 +181,32 @@ class RUD(UpdateCreditMixin, Algorithm):
     def get_default_config(cls) -> RUDConfig:
         return RUDConfig()
 
+    @classmethod
+    def _refuse_unusable_env(cls, config: RUDConfig) -> None:
+        """Refuse a gymnasium id that does not exist (naming close ones) or an env RUD cannot
+        learn on (:meth:`check_spaces`), before any EnvRunner or Learner starts. Envs
+        registered with Ray (``tune.register_env``) and env classes are left to RLlib."""
+        env = config.env
+        if not isinstance(env, str):
+            return
+        from ray.tune.registry import ENV_CREATOR, _global_registry
+
+        if _global_registry.contains(ENV_CREATOR, env):
+            return
+        if ":" not in env and env not in gym.envs.registry:  # "module:Id" is imported by gym.make
+            close = difflib.get_close_matches(env, list(gym.envs.registry), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
+            raise ValueError(f"unknown gymnasium environment '{env}'{hint}")
+        instance = gym.make(env, **dict(config.env_config or {}))
+        try:
+            reason = cls.check_spaces(instance.observation_space, instance.action_space)
+        finally:
+            instance.close()
+        if reason:
+            raise ValueError(f"{cls.__name__} cannot run on {env}: {reason}")
+
     def setup(self, config: RUDConfig) -> None:
+        self._refuse_unusable_env(config)
         super().setup(config)
         self._update_credit = 0.0
         # the driver's EnvRunner acts with the Learner's actor and observation statistics
