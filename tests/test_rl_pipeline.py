@@ -192,6 +192,7 @@ stop:
 evaluation:
   every_env_steps: 300
   episodes: 2
+  num_env_runners: {eval_runners}
 checkpoint:
   every_iterations: 100
 reporting:
@@ -199,9 +200,11 @@ reporting:
 """
 
 
-@pytest.mark.parametrize("algorithm,interval", [("RUD", 100), ("TD3", 1), ("DDPG", 1)])
-def test_rud_family_runs_as_the_rl_kind(workdir, algorithm, interval):
-    spec = load_spec(write_spec(workdir, "rud.yaml", TINY_RUD.format(algorithm=algorithm, interval=interval)))
+# RUD evaluates on a remote EnvRunner of its own, TD3 and DDPG on one in the driver
+@pytest.mark.parametrize("algorithm,interval,eval_runners", [("RUD", 100, 1), ("TD3", 1, 0), ("DDPG", 1, 0)])
+def test_rud_family_runs_as_the_rl_kind(workdir, algorithm, interval, eval_runners):
+    text = TINY_RUD.format(algorithm=algorithm, interval=interval, eval_runners=eval_runners)
+    spec = load_spec(write_spec(workdir, "rud.yaml", text))
     outcome = run_local(spec)
     client = MlflowClient(outcome.tracking_uri)
     run = client.get_run(outcome.run_id)
@@ -211,4 +214,5 @@ def test_rud_family_runs_as_the_rl_kind(workdir, algorithm, interval):
     assert metrics["learner/num_updates"] > 0 and np.isfinite(metrics["learner/critic_loss"])
     assert "learner/actor_loss" in metrics and "learner/q_mean" in metrics
     assert [step for step, _ in history(client, outcome.run_id, "evaluation/return_mean")] == [0, 300, 600]
-    assert "checkpoint/rllib_checkpoint.json" in artifacts(client, outcome.run_id)
+    files = artifacts(client, outcome.run_id)
+    assert "checkpoint/rllib_checkpoint.json" in files and "learning_curve.png" in files
