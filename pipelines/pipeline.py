@@ -30,6 +30,11 @@ class Pipeline(ABC):
     """Columns of ``raysmith runs`` and of the search table."""
     curve_metrics: ClassVar[tuple[str, ...]] = ()
     """Metrics drawn against the step in the learning-curve PNG."""
+    reuse_trial_processes: ClassVar[bool] = False
+    """Whether a Tune search hands a trial's process to the next trial or PBT exploit
+    (``TuneConfig.reuse_actors``). Only for kinds whose ``run`` has released everything it
+    started by the time it returns or is stopped at a report; a kind that leaves work behind
+    (a Ray Train run finishing in the background) gets a fresh process per trial."""
 
     def check(self, spec: ExperimentSpec) -> list[Problem]:
         """Problems Pydantic cannot see (unknown env ids, arguments a library refuses).

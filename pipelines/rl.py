@@ -319,6 +319,8 @@ class RLPipeline(Pipeline):
     kind = "rl"
     spec_model = RLSpec
     summary = "any RLlib (or raysmith) algorithm on a gymnasium environment"
+    # `run` stops its algorithm (EnvRunners, Learners) in a `finally`, even when Tune ends it
+    reuse_trial_processes = True
     step_metric = "env_steps"
     key_metrics = ("evaluation/return_mean", "train/return_mean", "env_steps")
     curve_metrics = ("train/return_mean", "evaluation/return_mean", "population/champion_fitness",

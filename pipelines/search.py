@@ -16,6 +16,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,10 @@ def trial_tags(parent: RunTracker) -> dict[str, str]:
     return {**kept, "raysmith.command": "tune-trial"}
 
 
+REUSE_STOP_TIMEOUT_S = 120
+"""How long a reused trial process may take to stop its previous trial's pipeline."""
+
+
 def trial(config: dict[str, Any], *, base_data: dict[str, Any], source: str, required: list[str],
           checkpoint_every: tuple[str, float] | None) -> None:
     """Body of one Tune trial (runs in a Ray worker)."""
@@ -161,6 +166,10 @@ def trial(config: dict[str, Any], *, base_data: dict[str, Any], source: str, req
 
     spec = validate_data(deep_merge(base_data, config), f"{source} (trial config {flatten(config)})")
     pipeline = get_pipeline(spec.kind)
+    # Where trial processes are reused (Pipeline.reuse_trial_processes), handing this process to
+    # another trial or a PBT exploit first ends this function (its `finally` stops the
+    # algorithm); Tune waits 2 s for that by default and fails the trial when it takes longer.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_STOP_TIMEOUT_S))
     checkpoint = tune.get_checkpoint()
     # a local checkpoint is read in place; a remote one is downloaded and removed afterwards
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restore_from:
@@ -315,6 +324,9 @@ def run_search(
                         max_concurrent_trials=search.max_concurrent_trials,
                         search_alg=_searcher(search, spec.seed),
                         scheduler=_scheduler(search, pipeline),
+                        # a trial that ends, or that PBT makes exploit, hands its process to the
+                        # next one: no new worker importing torch and RLlib for every trial
+                        reuse_actors=pipeline.reuse_trial_processes,
                     ),
                     run_config=RunConfig(
                         name=spec.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,12 @@ search:
     outcome = run_search(load_spec(write_spec(workdir, "pbt-rud.yaml", text)))
     assert outcome.errors == 0 and outcome.unfinished == 0
     assert list(Path(outcome.experiment_dir).glob("pbt_policy_*.txt")), "PBT never exploited"
+    # an exploit restores the clone's checkpoint into a trial process already running (two at
+    # most, one when the trials take turns): no new worker importing torch and RLlib per exploit
+    results = sorted(Path(outcome.experiment_dir).glob("*/result.json"))
+    assert len(results) == 2
+    pids = {json.loads(line)["pid"] for result in results for line in result.read_text().splitlines() if line.strip()}
+    assert len(pids) <= 2, pids
     client, runs = trial_runs(outcome)
     assert len(runs) == 2
     for run in runs:
