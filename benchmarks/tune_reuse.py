@@ -47,9 +47,8 @@ def overrides(env_steps: int, interval: int, trials: int, scheduler: str) -> lis
         "checkpoint.every_iterations=1000",
         f"search.num_samples={trials}",
         "search.max_concurrent_trials=2",
-        f"search.scheduler.perturbation_interval={interval}",
-        "search.scheduler.quantile_fraction=0.5",
-    ] + (["search.scheduler=fifo"] if scheduler == "fifo" else [])
+    ] + ([f"search.scheduler.perturbation_interval={interval}", "search.scheduler.quantile_fraction=0.5"]
+         if scheduler == "pbt" else ["search.scheduler=fifo"])
 
 
 def scaled_spec(folder: Path) -> Path:
@@ -70,7 +69,7 @@ def run_once(reuse: bool, args: argparse.Namespace) -> dict[str, float]:
     from pipelines.spec import load_spec
 
     RLPipeline.reuse_trial_processes = reuse
-    folder = Path(tempfile.mkdtemp(prefix="pbt-reuse-"))
+    folder = Path(tempfile.mkdtemp(prefix="tune-reuse-"))
     os.chdir(folder)
     loaded = load_spec(scaled_spec(folder), overrides(args.env_steps, args.interval, args.trials, args.scheduler))
     started = time.perf_counter()
