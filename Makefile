@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   creates .venv, installs raysmith, runs the quickstart (a run and a search)
 #   make test   creates .venv, installs raysmith with its test tools, runs the tests
+#               (TEST_WORKERS pytest processes, each running whole test modules)
 #
 # torch goes in first so nothing pulls a second build. The default is the CPU wheel;
 # GPU users pick theirs, e.g.
@@ -9,6 +10,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# Test modules wait on Ray and process start-up part of the time; two at a time keep
+# 2 cores busy (TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test clean
 
@@ -27,7 +31,7 @@ demo: install
 	$(BIN)/raysmith runs --experiment quickstart --limit 5
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) mlflow.db mlartifacts raysmith_runs ray_results
