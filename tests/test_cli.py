@@ -8,6 +8,12 @@ import time
 import pytest
 from helpers import ROOT, free_port, raysmith, subprocess_env, tiny_ppo, write_spec
 
+# A refusal of an unreachable address must not wait on Ray: ray.init() against an address
+# nothing listens on kept retrying for over 5 minutes here, while the CLI's probe is refused
+# at once. The bound leaves room for the CLI's own start-up (its imports), which took
+# 14-16 s on 2 cores shared with three benchmark processes (15 s was the bound before).
+FAIL_FAST_S = 45
+
 COMMANDS = [
     [], ["run"], ["tune"], ["submit"], ["runs"], ["check"], ["kinds"],
     ["jobs"], ["jobs", "list"], ["jobs", "status"], ["jobs", "logs"], ["jobs", "stop"],
@@ -79,7 +85,7 @@ def test_unreachable_address_fails_fast(command, tmp_path):
     elapsed = time.monotonic() - started
     assert result.returncode == 2, result.stderr
     assert f"cannot reach Ray at {address}" in result.stderr
-    assert elapsed < 15, elapsed
+    assert elapsed < FAIL_FAST_S, elapsed
 
 
 def test_submit_to_unreachable_dashboard_fails_fast(tmp_path):
@@ -92,7 +98,7 @@ def test_submit_to_unreachable_dashboard_fails_fast(tmp_path):
     result = raysmith("submit", str(spec), "--address", address, cwd=project, timeout=60)
     assert result.returncode == 2, result.stderr
     assert f"cannot reach Ray at {address}" in result.stderr
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < FAIL_FAST_S
 
 
 def test_jobs_list_unreachable(tmp_path):

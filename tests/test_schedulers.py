@@ -114,16 +114,17 @@ search:
     assert outcome.errors == 0 and outcome.unfinished == 0
     assert list(Path(outcome.experiment_dir).glob("pbt_policy_*.txt")), "PBT never exploited"
     # an exploit restores the clone's checkpoint into a trial process already running, not a
-    # new worker importing torch and RLlib per (re)start as Tune's default gives. Tune lets an
-    # idle process go when no trial is waiting to start, which can happen while synch PBT
-    # holds a paused trial: two processes for about ten starts on an idle machine, three
-    # when another test module shared the cores.
+    # new worker importing torch and RLlib per (re)start as Tune's default gives. Once the
+    # search has created its trials, Tune keeps no idle process while no trial waits to
+    # start, which can happen while synch PBT holds a paused trial: two processes for 7-10
+    # starts on an idle machine, three for nine when another test module shared the cores. At most two processes serve the trials'
+    # first starts, so the rest were started for restarts: fewer than half of those.
     results = sorted(Path(outcome.experiment_dir).glob("*/result.json"))
     assert len(results) == 2
     reports = [json.loads(line) for result in results for line in result.read_text().splitlines() if line.strip()]
-    starts = sum(report["iterations_since_restore"] == 1 for report in reports)
+    restarts = sum(report["iterations_since_restore"] == 1 for report in reports) - len(results)
     pids = {report["pid"] for report in reports}
-    assert starts > 2 and len(pids) < starts, (starts, pids)
+    assert restarts > 0 and 2 * (len(pids) - 2) < restarts, (restarts, pids)
     client, runs = trial_runs(outcome)
     assert len(runs) == 2
     for run in runs:
