@@ -116,9 +116,10 @@ search:
     # an exploit restores the clone's checkpoint into a trial process already running, not a
     # new worker importing torch and RLlib per (re)start as Tune's default gives. Once the
     # search has created its trials, Tune keeps no idle process while no trial waits to
-    # start, which can happen while synch PBT holds a paused trial: two processes for 7-10
-    # starts on an idle machine, three for nine when another test module shared the cores. At most two processes serve the trials'
-    # first starts, so the rest were started for restarts: fewer than half of those.
+    # start, which can happen while synch PBT holds a paused trial: two processes on an idle
+    # machine, three for nine starts when another test module shared the cores. At most two
+    # processes serve the trials' first starts, so the rest were started for restarts:
+    # fewer than half of those.
     results = sorted(Path(outcome.experiment_dir).glob("*/result.json"))
     assert len(results) == 2
     reports = [json.loads(line) for result in results for line in result.read_text().splitlines() if line.strip()]
