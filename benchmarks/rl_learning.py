@@ -144,9 +144,10 @@ def sb3_td3(task: str, seed: int, args: argparse.Namespace) -> None:
     env = gym.make(spec["env"])
     evaluation_env = gym.make(spec["env"])
     evaluation_env.reset(seed=seed + 10_000)
-    # SB3 adds the noise in the env's action units; raysmith's is a fraction of each half-range
-    half_range = (env.action_space.high - env.action_space.low) / 2
-    noise = NormalActionNoise(np.zeros(env.action_space.shape), training["exploration_noise"] * half_range)
+    # SB3 adds the noise to the action scaled to [-1, 1] (OffPolicyAlgorithm._sample_action), as
+    # raysmith does, so the spec's sigma is passed unchanged whatever the env's bounds
+    shape = env.action_space.shape
+    noise = NormalActionNoise(np.zeros(shape), np.full(shape, training["exploration_noise"]))
     model = TD3(
         "MlpPolicy", env, learning_rate=training["actor_lr"], buffer_size=training["replay_capacity"],
         learning_starts=training["learning_starts"], batch_size=training["train_batch_size_per_learner"],

@@ -128,11 +128,10 @@ def measure_sb3(env: str, warmup: int, steps: int) -> dict:
 
     environment = gym.make(env)
     n = environment.action_space.shape[0]
-    scale = environment.action_space.high
     model = TD3(
         "MlpPolicy", environment, learning_starts=warmup, batch_size=BATCH, train_freq=1, gradient_steps=1,
         policy_delay=2, target_policy_noise=0.2, target_noise_clip=0.5,
-        action_noise=NormalActionNoise(np.zeros(n), 0.1 * scale),
+        action_noise=NormalActionNoise(np.zeros(n), np.full(n, 0.1)),  # added in SB3's [-1, 1] action scale
         policy_kwargs={"net_arch": [HIDDEN, HIDDEN]}, seed=0, device="cpu", verbose=0,
     )
     model.learn(warmup + 1000)
