@@ -12,7 +12,10 @@ deviation over seeds, and the mean of the last three evaluations) and writes it 
     python benchmarks/rl_learning.py --summary-only --plot docs/rl_learning.png
 
 ``--merge A.json B.json`` adds the seeds recorded in earlier JSON outputs (runs made in
-another tree or MLflow store) to the table, the statistics and the plot.
+another tree or MLflow store) to the table, the statistics and the plot. The JSON output
+(``--json``) accumulates in the same way: the seeds it already holds count as merged, and
+its rows outside this run's tasks and algorithms are kept, so a run for a few new seeds
+adds them instead of replacing the record. Point ``--json`` at a new file to start over.
 
 ``--parallel 2`` runs two at a time with one math thread each, which gets more env steps
 per second out of 2 cores than one run with two threads (sampling is single-threaded).
@@ -206,20 +209,45 @@ def summarise(args: argparse.Namespace) -> dict:
     return table
 
 
-def read_recorded(paths: list[str], steps: int) -> list[tuple[str, dict]]:
+def read_recorded(paths: list[str], steps: int, option: str = "--merge") -> list[tuple[str, dict]]:
     """Earlier JSON outputs of this script, checked before any run starts."""
     recorded = []
     for path in paths:
         try:
             content = json.loads(Path(path).read_text())
         except (OSError, ValueError) as error:
-            raise SystemExit(f"--merge {path}: cannot be read as JSON ({error})") from None
+            raise SystemExit(f"{option} {path}: cannot be read as JSON ({error})") from None
         if not isinstance(content, dict) or not isinstance(content.get("results"), dict):
-            raise SystemExit(f"--merge {path}: not an output of this script (it has no 'results' table)")
+            raise SystemExit(f"{option} {path}: not an output of this script (it has no 'results' table)")
         if content.get("steps") != steps:
-            raise SystemExit(f"--merge {path}: holds {content.get('steps')}-step runs, not --steps {steps}")
+            raise SystemExit(f"{option} {path}: holds {content.get('steps')}-step runs, not --steps {steps}")
         recorded.append((path, content["results"]))
     return recorded
+
+
+def read_output(path: str, steps: int) -> list[tuple[str, dict]]:
+    """The ``--json`` output already written, as one more recorded source; none if absent."""
+    if not Path(path).exists():
+        return []
+    try:
+        return read_recorded([path], steps, option="--json")
+    except SystemExit as error:
+        raise SystemExit(f"{error}; this run adds to its --json output, so pass --json with a new file") from None
+
+
+def accumulate(recorded: list[tuple[str, dict]], table: dict) -> dict:
+    """The earlier output with this run's seeds added: each row of ``table`` joins the seeds
+    the earlier output holds for it (those outside ``--seeds`` too), and rows of other tasks
+    and algorithms stay as they were recorded. ``table`` came through :func:`merge`, so a
+    seed in both has the same curve."""
+    results = {task: dict(rows) for _, earlier in recorded for task, rows in earlier.items()}
+    for task, rows in table.items():
+        for algorithm, entry in rows.items():
+            earlier = results.setdefault(task, {}).get(algorithm, {"curves": {}})
+            curves = {int(seed): [tuple(point) for point in curve] for seed, curve in earlier["curves"].items()}
+            curves.update(entry["curves"])
+            results[task][algorithm] = row(dict(sorted(curves.items())))
+    return results
 
 
 def merge(table: dict, recorded: list[tuple[str, dict]], args: argparse.Namespace) -> dict:
@@ -314,7 +342,8 @@ def main() -> None:
         sb3_td3(args.sb3_worker[0], int(args.sb3_worker[1]), args)
         return
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    recorded = read_recorded(args.merge, args.steps)
+    output = read_output(args.json, args.steps)
+    recorded = read_recorded(args.merge, args.steps) + output
 
     if not args.summary_only:
         done = finished_runs(args.tracking_uri)
@@ -329,7 +358,9 @@ def main() -> None:
     table = summarise(args)
     if recorded:
         table = merge(table, recorded, args)
-    Path(args.json).write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "results": table}, indent=1))
+    results = accumulate(output, table)
+    seeds = sorted({int(seed) for rows in results.values() for entry in rows.values() for seed in entry["curves"]})
+    Path(args.json).write_text(json.dumps({"steps": args.steps, "seeds": seeds, "results": results}, indent=1))
     print(markdown(table, args.steps))
     if args.plot and table:
         plot(table, Path(args.plot))
