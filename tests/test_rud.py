@@ -114,11 +114,35 @@ def test_defaults_are_the_td3_papers_and_rud_blocks_are_one_episode():
     assert DEFAULT_MODEL_CONFIG["actor_hidden"] == DEFAULT_MODEL_CONFIG["critic_hidden"] == [256, 256]
 
 
+class DiscreteProbe(gym.Env):
+    """Two discrete actions, spaces set in ``__init__`` from the env config."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+        self.action_space = gym.spaces.Discrete((config or {}).get("actions", 2))
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
 def test_envs_it_cannot_learn_on_are_refused_before_anything_starts():
     with pytest.raises(ValueError, match=r"TD3 cannot run on CartPole-v1: .*need continuous actions"):
         TD3Config().environment("CartPole-v1").build_algo()
     with pytest.raises(ValueError, match=r"unknown gymnasium environment 'HalfCheetah-v9'; did you mean 'HalfCheetah-v5'"):
         RUDConfig().environment("HalfCheetah-v9").build_algo()
+    # env classes and names registered with Tune are checked too, with their env config
+    with pytest.raises(ValueError, match=r"RUD cannot run on DiscreteProbe: .*continuous actions .*Discrete\(5\)"):
+        RUDConfig().environment(DiscreteProbe, env_config={"actions": 5}).build_algo()
+    from ray import tune
+
+    tune.register_env("discrete-probe", lambda config: DiscreteProbe(config))
+    with pytest.raises(ValueError, match=r"DDPG cannot run on discrete-probe: .*Discrete\(2\)"):
+        DDPGConfig().environment("discrete-probe").build_algo()
 
 
 def test_model_config_may_not_contradict_the_training_settings():
@@ -276,6 +300,43 @@ def test_collected_blocks_equal_rllib_sampling():
             algo.stop()
 
 
+def test_a_block_has_exactly_the_steps_asked_for_and_idle_sub_envs_continue():
+    """7 steps on 3 sub-envs: two full rounds, then sub-env 0 alone; the next block goes on
+    from where each sub-env stopped."""
+    algo = tiny(learning_starts=30).env_runners(num_envs_per_env_runner=3).build_algo()
+    try:
+        runner = algo.env_runner_group.local_env_runner
+        first = runner.collect(7, 0)
+        second = runner.collect(3, 7)
+    finally:
+        algo.stop()
+    assert len(first["rewards"]) == 7 and len(second["rewards"]) == 3
+    # rows are round by round: sub-env 0's steps are rows 0, 3, 6; sub-env 1's 1, 4; sub-env 2's 2, 5
+    np.testing.assert_array_equal(first["obs"][3:6], first["next_obs"][0:3])
+    np.testing.assert_array_equal(first["obs"][6], first["next_obs"][3])
+    np.testing.assert_array_equal(second["obs"], first["next_obs"][[6, 4, 5]])
+
+
+def test_time_limit_ends_are_not_terminal_and_keep_their_last_observation():
+    """At a time-limit end, collect() stores terminated 0 (the target bootstraps) and s' as the
+    env's last observation: replaying Pendulum's dynamics from each stored (s, a) gives s',
+    and the next row starts the new episode from its reset observation."""
+    algo = tiny(learning_starts=30).environment("Pendulum-v1", env_config={"max_episode_steps": 20}).build_algo()
+    try:
+        block = algo.env_runner_group.local_env_runner.collect(60, 0)
+    finally:
+        algo.stop()
+    assert not block["terminateds"].any()
+    continues = np.isclose(block["next_obs"][:-1], block["obs"][1:]).all(axis=1)
+    np.testing.assert_array_equal(np.flatnonzero(~continues), [19, 39])  # a reset after each 20-step episode
+    pendulum = gym.make("Pendulum-v1").unwrapped
+    pendulum.reset(seed=0)
+    for obs, action, next_obs in zip(block["obs"], block["actions"], block["next_obs"]):
+        pendulum.state = np.array([np.arctan2(obs[1], obs[0]), obs[2]])
+        replayed, *_ = pendulum.step(2.0 * action)  # actions are stored in [-1, 1]; Pendulum's bounds are +-2
+        np.testing.assert_allclose(next_obs, replayed, rtol=1e-5, atol=1e-5)
+
+
 def test_rllib_connectors_are_refused_before_anything_starts():
     config = tiny().env_runners(env_to_module_connector=lambda env, spaces, device: [])
     with pytest.raises(ValueError, match="applies no env-to-module or module-to-env connectors"):
@@ -351,22 +412,47 @@ def test_replay_is_left_out_of_checkpoints_by_default(tmp_path):
         restored.stop()
 
 
-def test_remote_env_runners_with_vector_envs_sample_one_block():
-    config = tiny(learning_starts=0, update_interval=120).env_runners(num_env_runners=2, num_envs_per_env_runner=2)
+def assert_runners_act_as_the_learner(algo):
+    """Every remote EnvRunner holds the Learner's actor and observation statistics (the
+    float32 shift and scale it acts with exactly; RLlib's weight sync sends the float64 running
+    mean, variance and count as float32)."""
+    module = learner_of(algo).module[DEFAULT_MODULE_ID]
+    learner_state = {**module.actor.state_dict(), **{f"norm.{k}": v for k, v in module.obs_norm.state_dict().items()}}
+    assert module.obs_norm.count > 0
+    runner_states = algo.env_runner_group.foreach_env_runner(
+        lambda runner: {**runner.module.actor.state_dict(),
+                        **{f"norm.{k}": v for k, v in runner.module.obs_norm.state_dict().items()}},
+        local_env_runner=False)
+    assert len(runner_states) == 2
+    for state in runner_states:
+        assert state.keys() == learner_state.keys()
+        for key, value in learner_state.items():
+            if value.dtype == torch.float64:
+                np.testing.assert_allclose(np.asarray(state[key]), value.numpy(), rtol=1e-6, err_msg=key)
+            else:
+                np.testing.assert_array_equal(np.asarray(state[key]), value.numpy(), err_msg=key)
+
+
+def test_remote_env_runners_with_vector_envs_sample_one_block(tmp_path):
+    # 121 steps on 2 runners of 2 sub-envs: 61 + 60, no rounding up to whole rounds
+    config = (tiny(learning_starts=0, update_interval=121, normalize_observations=True)
+              .env_runners(num_env_runners=2, num_envs_per_env_runner=2))
     algo = config.build_algo()
     try:
         result = algo.train()
-        assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 120
-        assert result["learners"][DEFAULT_MODULE_ID]["num_updates"] == 120
-        # the runners act with the Learner's updated actor
-        learner_state = learner_of(algo).module[DEFAULT_MODULE_ID].actor.state_dict()
-        runner_states = algo.env_runner_group.foreach_env_runner(
-            lambda runner: runner.module.actor.state_dict(), local_env_runner=False)
-        for state in runner_states:
-            for key, value in learner_state.items():
-                np.testing.assert_allclose(np.asarray(state[key]), value.numpy())
+        assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 121
+        assert result["learners"][DEFAULT_MODULE_ID]["num_updates"] == 121
+        # the runners act with the Learner's updated actor and observation statistics
+        assert_runners_act_as_the_learner(algo)
+        algo.save_to_path(str(tmp_path / "ckpt"))
     finally:
         algo.stop()
+    restored = RUD.from_checkpoint(str(tmp_path / "ckpt"))  # fresh EnvRunners get them from the checkpoint
+    try:
+        assert_runners_act_as_the_learner(restored)
+        assert learner_of(restored).module[DEFAULT_MODULE_ID].obs_norm.count == 121
+    finally:
+        restored.stop()
 
 
 def test_a_remote_learner_trains_and_feeds_the_env_runner():

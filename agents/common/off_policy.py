@@ -73,9 +73,38 @@ def share_with_local_env_runner(algo: Any, attributes: tuple[str, ...]) -> tuple
 
 
 class UpdateCreditMixin:
-    """An Algorithm that carries fractional updates between blocks, through checkpoints too."""
+    """An Algorithm that carries fractional updates between blocks, through checkpoints too,
+    and whose remote EnvRunners act with the restored weights after ``restore_from_path``."""
 
     _update_credit: float = 0.0
+
+    def restore_from_path(self, path, *args, **kwargs):
+        super().restore_from_path(path, *args, **kwargs)
+        self.push_weights_to_remote_env_runners()
+
+    def push_weights_to_remote_env_runners(self) -> None:
+        """Set the Learner's inference-only weights on every healthy remote EnvRunner
+        (training and evaluation) and wait until they hold them.
+
+        RLlib's own sync after a restore is fire-and-forget and is dropped for a runner that
+        still has an earlier ``set_state`` request in flight (``max_requests_in_flight_per_env_runner``
+        is 1), which after ``from_checkpoint`` left the runners acting with their initial weights
+        for the first block (``tests/test_rud.py`` checks this).
+        """
+        import ray
+        from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+        from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
+
+        groups = [group for group in (self.env_runner_group, getattr(self, "eval_env_runner_group", None))
+                  if group is not None and group.num_healthy_remote_workers() > 0]
+        if not groups:
+            return
+        state = self.learner_group.get_state(components=[f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}"],
+                                             inference_only=True)[COMPONENT_LEARNER]
+        state_ref = ray.put({key: value for key, value in state.items() if key in (COMPONENT_RL_MODULE, WEIGHTS_SEQ_NO)})
+        for group in groups:
+            group.foreach_env_runner("set_state", kwargs={"state": state_ref}, local_env_runner=False,
+                                     timeout_seconds=self.config.sample_timeout_s)
 
     def _runner_metrics(self) -> list:
         group = self.env_runner_group

@@ -30,15 +30,25 @@ def is_image_space(space: gym.Space) -> bool:
 
 
 def collect_from_runners(algo: Any, num_steps: int, lifetime: int) -> dict[str, np.ndarray]:
-    """About ``num_steps`` transitions from ``algo``'s local EnvRunner, or split evenly
-    (rounded up) over its healthy remote ones, acting as after ``lifetime`` env steps."""
+    """``num_steps`` transitions from ``algo``'s local EnvRunner, or split over its healthy
+    remote ones (shares differ by at most one step), acting as after ``lifetime`` env steps."""
     group = algo.env_runner_group
     if group.num_remote_env_runners() == 0:
         return group.local_env_runner.collect(num_steps, lifetime)
-    runners = max(1, group.num_healthy_remote_workers())
-    per_runner = math.ceil(num_steps / runners)
-    parts = group.foreach_env_runner(lambda runner: runner.collect(per_runner, lifetime, stride=runners),
-                                     local_env_runner=False, timeout_seconds=algo.config.sample_timeout_s)
+    ids = group.healthy_env_runner_ids()
+    if not ids:
+        return {}
+    base, extra = divmod(num_steps, len(ids))
+    shares = [(runner_id, base + (rank < extra)) for rank, runner_id in enumerate(ids)]
+    shares = [(runner_id, share) for runner_id, share in shares if share > 0]
+    stride = len(ids)
+
+    def collect(share: int):
+        return lambda runner: runner.collect(share, lifetime, stride=stride)
+
+    parts = group.foreach_env_runner([collect(share) for _, share in shares], local_env_runner=False,
+                                     remote_worker_ids=[runner_id for runner_id, _ in shares],
+                                     timeout_seconds=algo.config.sample_timeout_s)
     parts = [part for part in parts if part]
     if not parts:
         return {}
@@ -123,16 +133,18 @@ class TransitionEnvRunner(SingleAgentEnvRunner):
         return np.float32, space.shape, lambda action: action
 
     def collect(self, num_steps: int, lifetime: int, stride: int = 1) -> dict[str, np.ndarray]:
-        """About ``num_steps`` transitions (rounded up to whole rounds over the sub-envs),
-        acting with exploration as after ``lifetime + stride * k`` env steps at this
-        runner's k-th step (``stride``: the number of runners sampling together)."""
+        """``num_steps`` transitions (at least one), acting with exploration as after
+        ``lifetime + stride * k`` env steps at this runner's k-th step (``stride``: the number
+        of runners sampling together). The sub-envs step in rounds; when ``num_steps`` is not
+        a multiple of their number, the last round steps only the first ones, and the others
+        continue their episodes in the next call."""
         envs = self._sub_envs()
         if self._collect_state is None:
             self._collect_state = self._start(envs)
         state = self._collect_state
         count = len(envs)
-        rounds = max(1, math.ceil(num_steps / count))
-        size = rounds * count
+        size = max(1, int(num_steps))
+        rounds = math.ceil(size / count)
         obs_shape, obs_dtype = state["obs"].shape[1:], state["obs"].dtype
         action_dtype, action_shape, to_env = self._env_action_mapping(envs)
         out = {
@@ -145,7 +157,7 @@ class TransitionEnvRunner(SingleAgentEnvRunner):
         row = 0
         for round_index in range(rounds):
             actions = module.act(torch.from_numpy(state["obs"]), lifetime + stride * row, explore=True).numpy()
-            for index, env in enumerate(envs):
+            for index, env in enumerate(envs[:size - row]):
                 action = actions[index].astype(action_dtype, copy=False)
                 next_obs, reward, terminated, truncated, _ = env.step(to_env(action))
                 next_obs = self._observation(next_obs)

@@ -39,15 +39,25 @@ DEFAULT_MODEL_CONFIG = {
 }
 
 
+def spaces_problem(observation_space: gym.Space, action_space: gym.Space) -> str | None:
+    """Why the deterministic actor-critic family cannot learn on these spaces, or None."""
+    if not isinstance(action_space, gym.spaces.Box) or len(action_space.shape) != 1:
+        return f"RUD, TD3 and DDPG need continuous actions (a 1-D Box); this environment has {action_space}"
+    if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
+        return f"the action bounds must be finite to rescale [-1, 1] actions to them; got {action_space}"
+    if not isinstance(observation_space, gym.spaces.Box):
+        return f"observations must be a Box (a vector of numbers); this environment has {observation_space}"
+    return None
+
+
 class RUDTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
     """mu(s) and Q_1..Q_n(s, a) with target copies, for DDPG, TD3 and RUD."""
 
     def setup(self) -> None:
         config = {**DEFAULT_MODEL_CONFIG, **(self.model_config or {})}
-        if not isinstance(self.action_space, gym.spaces.Box) or len(self.action_space.shape) != 1:
-            raise ValueError(f"needs a 1-D continuous (Box) action space; got {self.action_space}")
-        if not isinstance(self.observation_space, gym.spaces.Box):
-            raise ValueError(f"needs a Box observation space; got {self.observation_space}")
+        problem = spaces_problem(self.observation_space, self.action_space)
+        if problem:
+            raise ValueError(problem)
         self.obs_dim = int(np.prod(self.observation_space.shape))
         self.act_dim = int(self.action_space.shape[0])
         self.exploration_noise = float(config["exploration_noise"])
