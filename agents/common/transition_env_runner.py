@@ -39,16 +39,11 @@ def collect_from_runners(algo: Any, num_steps: int, lifetime: int) -> dict[str, 
     if not ids:
         return {}
     base, extra = divmod(num_steps, len(ids))
-    shares = [(runner_id, base + (rank < extra)) for rank, runner_id in enumerate(ids)]
-    shares = [(runner_id, share) for runner_id, share in shares if share > 0]
-    stride = len(ids)
-
-    def collect(share: int):
-        return lambda runner: runner.collect(share, lifetime, stride=stride)
-
-    parts = group.foreach_env_runner([collect(share) for _, share in shares], local_env_runner=False,
-                                     remote_worker_ids=[runner_id for runner_id, _ in shares],
-                                     timeout_seconds=algo.config.sample_timeout_s)
+    shares = {runner_id: base + (rank < extra) for rank, runner_id in enumerate(ids) if base + (rank < extra)}
+    parts = group.foreach_env_runner(
+        ["collect"] * len(shares), local_env_runner=False, remote_worker_ids=list(shares),
+        kwargs=[{"num_steps": share, "lifetime": lifetime, "stride": len(ids)} for share in shares.values()],
+        timeout_seconds=algo.config.sample_timeout_s)
     parts = [part for part in parts if part]
     if not parts:
         return {}
