@@ -27,6 +27,12 @@ after a warm-up that fills the replay buffer:
   autograd loop under bfloat16 autocast (matrix multiplies in bf16), which raysmith does not
   use for learning (its effect on learning is not measured).
 
+``--device cuda`` runs raysmith's Learner on the GPU (``num_gpus_per_learner=1``) and SB3
+with ``device="cuda"``, for the ``td3`` and ``updates`` suites; sampling stays on the CPU
+for both. The sgemm ceiling is a CPU figure and is left out then.
+
+    python benchmarks/rl_throughput.py --suite updates --device cuda --repeats 2
+
 Needs stable-baselines3 (`pip install stable-baselines3`).
 """
 
@@ -71,7 +77,7 @@ def sgemm_gflops(size: int = HIDDEN, seconds: float = 2.0) -> float:
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
-def measure_raysmith(algorithm: str, env: str, warmup: int, steps: int) -> dict:
+def measure_raysmith(algorithm: str, env: str, warmup: int, steps: int, device: str = "cpu") -> dict:
     """Env steps per second of one raysmith algorithm, after ``warmup`` untimed steps."""
     import ray
 
@@ -84,6 +90,7 @@ def measure_raysmith(algorithm: str, env: str, warmup: int, steps: int) -> dict:
             {"rud": RUDConfig, "td3": TD3Config}[algorithm]()
             .training(learning_starts=warmup, train_batch_size_per_learner=BATCH)
             .rl_module(model_config={"actor_hidden": [HIDDEN, HIDDEN], "critic_hidden": [HIDDEN, HIDDEN]})
+            .learners(num_gpus_per_learner=1 if device == "cuda" else 0)
         )
         warmup += 1000  # fill the buffer with random actions, then one learning block untimed
     else:
@@ -105,14 +112,14 @@ def measure_raysmith(algorithm: str, env: str, warmup: int, steps: int) -> dict:
     return {"steps_per_s": (done - start_steps) / elapsed, "env_steps": done - start_steps}
 
 
-def measure_sb3_dqn(env: str, warmup: int, steps: int) -> dict:
+def measure_sb3_dqn(env: str, warmup: int, steps: int, device: str = "cpu") -> dict:
     import gymnasium as gym
     from stable_baselines3 import DQN
 
     model = DQN(
         "MlpPolicy", gym.make(env), learning_rate=1e-4, buffer_size=10_000, learning_starts=32, batch_size=32,
         train_freq=1, gradient_steps=1, target_update_interval=1000, gamma=0.99,
-        policy_kwargs={"net_arch": [128, 128]}, seed=0, device="cpu", verbose=0,
+        policy_kwargs={"net_arch": [128, 128]}, seed=0, device=device, verbose=0,
     )
     model.learn(warmup)
     start = time.perf_counter()
@@ -120,7 +127,7 @@ def measure_sb3_dqn(env: str, warmup: int, steps: int) -> dict:
     return {"steps_per_s": steps / (time.perf_counter() - start), "env_steps": steps}
 
 
-def measure_sb3(env: str, warmup: int, steps: int) -> dict:
+def measure_sb3(env: str, warmup: int, steps: int, device: str = "cpu") -> dict:
     import gymnasium as gym
     import numpy as np
     from stable_baselines3 import TD3
@@ -132,7 +139,7 @@ def measure_sb3(env: str, warmup: int, steps: int) -> dict:
         "MlpPolicy", environment, learning_starts=warmup, batch_size=BATCH, train_freq=1, gradient_steps=1,
         policy_delay=2, target_policy_noise=0.2, target_noise_clip=0.5,
         action_noise=NormalActionNoise(np.zeros(n), np.full(n, 0.1)),  # added in SB3's [-1, 1] action scale
-        policy_kwargs={"net_arch": [HIDDEN, HIDDEN]}, seed=0, device="cpu", verbose=0,
+        policy_kwargs={"net_arch": [HIDDEN, HIDDEN]}, seed=0, device=device, verbose=0,
     )
     model.learn(warmup + 1000)
     start = time.perf_counter()
@@ -158,8 +165,9 @@ def random_transitions(env_id: str, count: int, seed: int = 0) -> dict:
     return {name: np.asarray(values, dtype=np.float32) for name, values in fields.items()}
 
 
-def measure_updates(name: str, env_id: str, updates: int) -> dict:
-    """Gradient updates per second of one update loop, after 50 untimed updates."""
+def measure_updates(name: str, env_id: str, updates: int, device: str = "cpu") -> dict:
+    """Gradient updates per second of one update loop, after 50 untimed updates (on a GPU,
+    timed until the GPU has finished them)."""
     import contextlib
 
     import torch
@@ -171,15 +179,17 @@ def measure_updates(name: str, env_id: str, updates: int) -> dict:
 
         model = TD3("MlpPolicy", gym.make(env_id), learning_starts=0, batch_size=BATCH, policy_delay=2,
                     target_policy_noise=0.2, target_noise_clip=0.5, policy_kwargs={"net_arch": [HIDDEN, HIDDEN]},
-                    seed=0, device="cpu", verbose=0)
+                    seed=0, device=device, verbose=0)
         model.learn(1)  # sets up the logger and progress SB3's train() reads
         buffer = model.replay_buffer
         for index in range(len(transitions["rewards"])):
             buffer.add(transitions["obs"][index], transitions["next_obs"][index], transitions["actions"][index],
                        transitions["rewards"][index], transitions["terminateds"][index], [{}])
         model.train(gradient_steps=50, batch_size=BATCH)
+        synchronize(device)
         start = time.perf_counter()
         model.train(gradient_steps=updates, batch_size=BATCH)
+        synchronize(device)
         return {"updates_per_s": updates / (time.perf_counter() - start), "updates": updates}
 
     import gymnasium as gym
@@ -189,16 +199,27 @@ def measure_updates(name: str, env_id: str, updates: int) -> dict:
 
     fused = name == "rud-updates"
     config = (TD3Config().environment(env_id).training(train_batch_size_per_learner=BATCH, fused_updates=fused)
-              .rl_module(model_config={"actor_hidden": [HIDDEN, HIDDEN], "critic_hidden": [HIDDEN, HIDDEN]}))
+              .rl_module(model_config={"actor_hidden": [HIDDEN, HIDDEN], "critic_hidden": [HIDDEN, HIDDEN]})
+              .learners(num_gpus_per_learner=1 if device == "cuda" else 0))
     learner = config.build_learner(env=gym.make(env_id))
     learner.replay.add(transitions)
     module = learner.module[DEFAULT_MODULE_ID]
-    precision = torch.autocast("cpu", dtype=torch.bfloat16) if name == "rud-updates-bf16" else contextlib.nullcontext()
+    precision = torch.autocast(device, dtype=torch.bfloat16) if name == "rud-updates-bf16" else contextlib.nullcontext()
     with precision:
         learner._updates(module, 50)
+        synchronize(device)
         start = time.perf_counter()
         learner._updates(module, updates)
+        synchronize(device)
     return {"updates_per_s": updates / (time.perf_counter() - start), "updates": updates}
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work (kernels launch asynchronously), so timings count it."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def measure_sampling(name: str, env_id: str, warmup: int, steps: int) -> dict:
@@ -233,7 +254,7 @@ def measure_sampling(name: str, env_id: str, warmup: int, steps: int) -> dict:
 
 def run_worker(name: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--env", args.env,
-               "--warmup", str(args.warmup), "--steps", str(args.steps)]
+               "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device]
     environment = dict(os.environ, PYTHONWARNINGS="ignore")
     if args.threads:
         environment.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -270,6 +291,8 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated subset of the suite's algorithms")
     parser.add_argument("--threads", type=int, help="math threads per process (default: PyTorch's)")
     parser.add_argument("--repeats", type=int, default=1, help="measure each algorithm this often, round-robin")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where raysmith's Learner and SB3's networks run (td3 and updates suites)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     suite = SUITES[args.suite]
@@ -280,17 +303,25 @@ def main() -> None:
     if args.worker:
         measure = {"sb3": measure_sb3, "sb3dqn": measure_sb3_dqn}.get(args.worker)
         if args.worker in (*SUITES["updates"]["only"].split(","), "rud-updates-bf16"):
-            result = measure_updates(args.worker, args.env, args.steps)
+            result = measure_updates(args.worker, args.env, args.steps, args.device)
         elif args.worker in SUITES["sampling"]["only"].split(","):
             result = measure_sampling(args.worker, args.env, args.warmup, args.steps)
         elif measure is not None:
-            result = measure(args.env, args.warmup, args.steps)
+            result = measure(args.env, args.warmup, args.steps, args.device)
         else:
-            result = measure_raysmith(args.worker, args.env, args.warmup, args.steps)
+            result = measure_raysmith(args.worker, args.env, args.warmup, args.steps, args.device)
         print(json.dumps(result), flush=True)
         return
+    if args.device == "cuda" and args.suite in ("dqn", "sampling"):
+        parser.error(f"--device cuda applies to the td3 and updates suites, not {args.suite}")
     if args.suite in ("dqn", "sampling"):
         run_suite(args, suite["peer"], ceiling=None)
+        return
+    if args.device == "cuda":
+        import torch
+
+        print(f"{args.env} on {torch.cuda.get_device_name()}: Learner and SB3 networks on the GPU", flush=True)
+        run_suite(args, suite["peer"], None, {"device": torch.cuda.get_device_name()})
         return
 
     import gymnasium as gym
@@ -317,6 +348,7 @@ def run_suite(args: argparse.Namespace, peer: str, ceiling: float | None, extra:
         for name in names:
             results[name] = run_worker(name, args)
             rates[name].append(results[name][key])
+            print(f"    {name}: {results[name][key]:.1f} {unit}", flush=True)
     for name in names:
         results[name][key] = statistics.median(rates[name])
         results[name]["runs"] = rates[name]

@@ -19,6 +19,7 @@ from agents.rud.rud_rl_module import DEFAULT_MODEL_CONFIG
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 TINY_MODEL = {"actor_hidden": [32, 32], "critic_hidden": [32, 32]}
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")
 
 
 def tiny(config_class=RUDConfig, **training):
@@ -172,13 +173,14 @@ def test_target_smoothing_noise_has_its_std_and_is_clipped(std, clip, clipped, m
         assert abs(noise.std().item() - std) < 0.02
 
 
-def paired_learners(config_class=RUDConfig, model=None, **training):
+def paired_learners(config_class=RUDConfig, model=None, device="cpu", **training):
     """Two Learners with the same weights and minibatch stream, one per update path."""
     learners = []
     for fused in (False, True):
         config = (config_class().environment("Pendulum-v1")
                   .training(train_batch_size_per_learner=64, fused_updates=fused, **training)
-                  .rl_module(model_config={**TINY_MODEL, **(model or {})}).debugging(seed=3))
+                  .rl_module(model_config={**TINY_MODEL, **(model or {})}).debugging(seed=3)
+                  .learners(num_gpus_per_learner=1 if device == "cuda" else 0))
         learners.append(config.build_learner(env=gym.make("Pendulum-v1")))
     reference, fused = learners
     fused.module[DEFAULT_MODULE_ID].load_state_dict(reference.module[DEFAULT_MODULE_ID].state_dict())
@@ -190,24 +192,31 @@ def paired_learners(config_class=RUDConfig, model=None, **training):
     for learner in learners:
         learner.replay.add(transitions)
         if learner.module[DEFAULT_MODULE_ID].normalize_observations:
-            learner.module[DEFAULT_MODULE_ID].obs_norm.update(torch.as_tensor(transitions["obs"]))
+            learner.module[DEFAULT_MODULE_ID].obs_norm.update(torch.as_tensor(transitions["obs"], device=device))
+    assert all(parameter.device.type == device for learner in learners
+               for parameter in learner.module[DEFAULT_MODULE_ID].parameters())
+    assert all(values.device.type == device for learner in learners for values in learner.replay.storage.values())
     return reference, fused
 
 
-@pytest.mark.parametrize("preset, model, training", [
-    (TD3Config, None, {}),
-    (DDPGConfig, None, {}),
-    (TD3Config, {"activation": "tanh", "critic_hidden": [32, 16, 8], "actor_hidden": [16]}, {}),
-    (TD3Config, {"activation": "elu"}, {"normalize_observations": True, "policy_delay": 3}),
+@pytest.mark.parametrize("preset, model, training, device", [
+    (TD3Config, None, {}, "cpu"),
+    (DDPGConfig, None, {}, "cpu"),
+    (TD3Config, {"activation": "tanh", "critic_hidden": [32, 16, 8], "actor_hidden": [16]}, {}, "cpu"),
+    (TD3Config, {"activation": "elu"}, {"normalize_observations": True, "policy_delay": 3}, "cpu"),
+    pytest.param(TD3Config, None, {}, "cuda", marks=CUDA),
+    pytest.param(TD3Config, {"activation": "elu"}, {"normalize_observations": True, "policy_delay": 3}, "cuda",
+                 marks=CUDA),
 ])
-def test_fused_updates_equal_autograd_updates(preset, model, training, monkeypatch):
+def test_fused_updates_equal_autograd_updates(preset, model, training, device, monkeypatch):
     """The hand-written gradients (fused_update.py) and autograd give the same networks,
     targets, Adam moments and metrics after updates that moved the weights, across
-    minibatch-gathering chunks and a change of learning rates between blocks."""
+    minibatch-gathering chunks and a change of learning rates between blocks; on the CPU
+    and with the Learner on a GPU (fused Adam's CUDA kernel, the buffer in GPU memory)."""
     from agents.rud.rud_learner import RUDTorchLearner
 
     monkeypatch.setattr(RUDTorchLearner, "GATHER_ROWS", 5 * 64)  # chunks of 5 updates
-    reference, fused = paired_learners(preset, model, **training)
+    reference, fused = paired_learners(preset, model, device, **training)
     assert fused._build_fused(fused.module[DEFAULT_MODULE_ID]) is not None
     assert reference._build_fused(reference.module[DEFAULT_MODULE_ID]) is None
     before = {k: v.clone() for k, v in reference.module[DEFAULT_MODULE_ID].state_dict().items()}
@@ -455,10 +464,15 @@ def test_remote_env_runners_with_vector_envs_sample_one_block(tmp_path):
         restored.stop()
 
 
-def test_a_remote_learner_trains_and_feeds_the_env_runner():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_a_remote_learner_trains_and_feeds_the_env_runner(device):
     """num_learners=1: the Learner (and its replay buffer) is a Ray actor, e.g. on a GPU node."""
-    algo = tiny(learning_starts=0, update_interval=100).learners(num_learners=1).build_algo()
+    gpus = 1 if device == "cuda" else 0
+    algo = tiny(learning_starts=0, update_interval=100).learners(num_learners=1, num_gpus_per_learner=gpus).build_algo()
     try:
+        where = algo.learner_group.foreach_learner(
+            lambda learner: (torch.device(learner._device).type, learner.replay.storage["obs"].device.type))
+        assert [r.get() for r in where] == [(device, device)]
         for _ in range(2):
             result = algo.train()
         assert result["learners"][DEFAULT_MODULE_ID]["num_updates"] == 100
@@ -469,6 +483,57 @@ def test_a_remote_learner_trains_and_feeds_the_env_runner():
             np.testing.assert_allclose(value.numpy(), np.asarray(weights[f"actor.{key}"]))
     finally:
         algo.stop()
+
+
+def actions_of(module, obs):
+    """Deterministic actions of ``module`` wherever it lives, as a numpy array."""
+    device = next(module.parameters()).device
+    with torch.no_grad():
+        out = module._forward_inference({Columns.OBS: torch.as_tensor(obs, dtype=torch.float32, device=device)})
+    return out[Columns.ACTIONS].cpu().numpy()
+
+
+@CUDA
+def test_a_learner_on_a_gpu_trains_checkpoints_and_feeds_the_cpu_env_runner(tmp_path):
+    """The Learner, its target networks and its replay buffer on the GPU, the EnvRunner on
+    the CPU: the runner acts with the Learner's weights, and a checkpoint restores them,
+    the counters, the observation statistics and the buffer onto the GPU again."""
+    config = (tiny(learning_starts=100, checkpoint_replay_buffer=True, normalize_observations=True)
+              .learners(num_gpus_per_learner=1))
+    algo = config.build_algo()
+    obs = np.random.default_rng(0).normal(size=(16, 3))
+    try:
+        for _ in range(3):
+            algo.train()
+        learner = learner_of(algo)
+        module = learner.module[DEFAULT_MODULE_ID]
+        assert {p.device.type for p in module.parameters()} == {"cuda"}
+        assert {v.device.type for v in learner.replay.storage.values()} == {"cuda"}
+        assert learner.critic_updates >= 200 and len(learner.replay) == 300
+        runner_module = algo.env_runner_group.local_env_runner.module
+        assert {p.device.type for p in runner_module.parameters()} == {"cpu"}
+        before = actions_of(module, obs)
+        # the same weights on two devices: equal to float rounding
+        np.testing.assert_allclose(actions_of(runner_module, obs), before, rtol=1e-5, atol=1e-6)
+        algo.save_to_path(str(tmp_path / "ckpt"))
+        counters = (learner.critic_updates, learner.actor_updates, len(learner.replay))
+        stats = module.obs_norm.mean.cpu().clone()
+    finally:
+        algo.stop()
+    restored = RUD.from_checkpoint(str(tmp_path / "ckpt"))
+    try:
+        learner = learner_of(restored)
+        module = learner.module[DEFAULT_MODULE_ID]
+        assert {p.device.type for p in module.parameters()} == {"cuda"}
+        np.testing.assert_array_equal(actions_of(module, obs), before)
+        assert (learner.critic_updates, learner.actor_updates, len(learner.replay)) == counters
+        torch.testing.assert_close(module.obs_norm.mean.cpu(), stats)
+        np.testing.assert_allclose(actions_of(restored.env_runner_group.local_env_runner.module, obs), before,
+                                   rtol=1e-5, atol=1e-6)
+        restored.train()
+        assert learner.critic_updates == counters[0] + 100
+    finally:
+        restored.stop()
 
 
 def test_a_killed_env_runner_is_replaced_and_training_continues():
@@ -497,11 +562,13 @@ def test_a_killed_env_runner_is_replaced_and_training_continues():
         algo.stop()
 
 
-def test_rud_learns_pendulum():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_rud_learns_pendulum(device):
     config = (
         RUDConfig()
         .environment("Pendulum-v1")
         .training(update_interval=200, learning_starts=1000)
+        .learners(num_gpus_per_learner=1 if device == "cuda" else 0)
         .debugging(seed=0)
         .evaluation(evaluation_interval=2**31 - 1, evaluation_duration=10, evaluation_duration_unit="episodes",
                     evaluation_config=RUDConfig.overrides(explore=False))
