@@ -5,7 +5,9 @@ after a warm-up that fills the replay buffer:
 
 - ``td3`` (default): raysmith RUD and TD3 vs SB3 TD3 on HalfCheetah-v5: same network
   (256-256), batch (256) and update rule. Also prints the ceiling that this machine's matrix
-  multiply speed sets (one TD3 update is a fixed amount of arithmetic).
+  multiply speed sets (one TD3 update is a fixed amount of arithmetic), and for raysmith's
+  rows where each env step's time went: sampling (``collect``), learning (the Learner's
+  ``learn_block``, until the GPU has finished) and everything else in ``train()``.
 - ``dqn``: raysmith NROWAN-DQN and DQN vs SB3 DQN at the NROWAN paper's settings on
   CartPole-v0: 128-128 network, batch 32, Adam 1e-4, replay 10,000, target copy every 1,000.
   SB3's DQN has no noisy layers: raysmith's DQN is the like-for-like row, NROWAN-DQN shows
@@ -96,6 +98,11 @@ def measure_raysmith(algorithm: str, env: str, warmup: int, steps: int, device: 
     else:
         config = {"nrowan": NROWANConfig, "dqn": DQNConfig}[algorithm]()  # the paper preset
     algo = config.environment(env).debugging(seed=0).build_algo()
+    spent = {"sampling": 0.0, "learning": 0.0}
+    if algorithm in ("rud", "td3"):  # where the time goes: the blocks' sampling and Learner calls
+        runner, learner = algo.env_runner_group.local_env_runner, algo.learner_group._learner
+        runner.collect = timed(runner.collect, spent, "sampling")
+        learner.learn_block = timed(learner.learn_block, spent, "learning", device)
 
     def lifetime(result):
         return int(result["env_runners"]["num_env_steps_sampled_lifetime"])
@@ -104,12 +111,29 @@ def measure_raysmith(algorithm: str, env: str, warmup: int, steps: int, device: 
     while done < warmup:
         done = lifetime(algo.train())
     start_steps, start = done, time.perf_counter()
+    spent.update(sampling=0.0, learning=0.0)
     while done < start_steps + steps:
         done = lifetime(algo.train())
     elapsed = time.perf_counter() - start
     algo.stop()
     ray.shutdown()
-    return {"steps_per_s": (done - start_steps) / elapsed, "env_steps": done - start_steps}
+    result = {"steps_per_s": (done - start_steps) / elapsed, "env_steps": done - start_steps}
+    if algorithm in ("rud", "td3"):
+        per_step = {name: 1e3 * seconds / (done - start_steps) for name, seconds in spent.items()}
+        per_step["other"] = 1e3 * elapsed / (done - start_steps) - sum(per_step.values())
+        result["ms_per_step"] = per_step
+    return result
+
+
+def timed(function, spent: dict, key: str, device: str = "cpu"):
+    """``function``, adding its wall time (until the GPU has finished, on a GPU) to ``spent[key]``."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        output = function(*args, **kwargs)
+        synchronize(device)
+        spent[key] += time.perf_counter() - start
+        return output
+    return wrapper
 
 
 def measure_sb3_dqn(env: str, warmup: int, steps: int, device: str = "cpu") -> dict:
@@ -354,6 +378,9 @@ def run_suite(args: argparse.Namespace, peer: str, ceiling: float | None, extra:
         results[name]["runs"] = rates[name]
         spread = f"  (runs: {', '.join(f'{rate:.0f}' for rate in rates[name])})" if args.repeats > 1 else ""
         print(f"  {LABELS[name]:40s} {results[name][key]:7.1f} {unit}{spread}", flush=True)
+        if "ms_per_step" in results[name]:  # the last run's
+            parts = ", ".join(f"{part} {ms:.2f}" for part, ms in results[name]["ms_per_step"].items())
+            print(f"  {'':40s} ms per env step: {parts}", flush=True)
     if peer in results:
         base = results[peer][key]
         bound = f" (ceiling {ceiling / base:.2f}x)" if ceiling else ""
