@@ -38,10 +38,16 @@ def learner_of(algo):
     return learner
 
 
-def greedy(algo, obs):
-    module = learner_of(algo).module[DEFAULT_MODULE_ID]
+def actions_of(module, obs):
+    """Deterministic actions of ``module`` wherever it lives, as a numpy array."""
+    device = next(module.parameters()).device
     with torch.no_grad():
-        return module._forward_inference({Columns.OBS: torch.as_tensor(obs, dtype=torch.float32)})[Columns.ACTIONS].numpy()
+        out = module._forward_inference({Columns.OBS: torch.as_tensor(obs, dtype=torch.float32, device=device)})
+    return out[Columns.ACTIONS].cpu().numpy()
+
+
+def greedy(algo, obs):
+    return actions_of(learner_of(algo).module[DEFAULT_MODULE_ID], obs)
 
 
 def test_each_block_runs_interval_times_updates_per_step_updates():
@@ -393,10 +399,7 @@ def test_checkpoint_restores_actions_counters_and_replay(tmp_path):
         assert (learner.critic_updates, learner.actor_updates, len(learner.replay)) == counters
         torch.testing.assert_close(learner.module[DEFAULT_MODULE_ID].obs_norm.mean, stats)
         # the EnvRunner acts with the restored policy too
-        runner_module = restored.env_runner_group.local_env_runner.module
-        with torch.no_grad():
-            runner_actions = runner_module._forward_inference({Columns.OBS: torch.as_tensor(obs, dtype=torch.float32)})
-        np.testing.assert_array_equal(runner_actions[Columns.ACTIONS].numpy(), before)
+        np.testing.assert_array_equal(actions_of(restored.env_runner_group.local_env_runner.module, obs), before)
         result = restored.train()  # and training continues where it stopped
         assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 400
         assert learner.critic_updates == counters[0] + 100
@@ -483,14 +486,6 @@ def test_a_remote_learner_trains_and_feeds_the_env_runner(device):
             np.testing.assert_allclose(value.numpy(), np.asarray(weights[f"actor.{key}"]))
     finally:
         algo.stop()
-
-
-def actions_of(module, obs):
-    """Deterministic actions of ``module`` wherever it lives, as a numpy array."""
-    device = next(module.parameters()).device
-    with torch.no_grad():
-        out = module._forward_inference({Columns.OBS: torch.as_tensor(obs, dtype=torch.float32, device=device)})
-    return out[Columns.ACTIONS].cpu().numpy()
 
 
 @CUDA
