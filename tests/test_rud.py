@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -14,7 +15,7 @@ from ray.rllib.core.columns import Columns
 
 from agents.common.replay import FIELDS, episodes_to_transitions
 from agents.rud import DDPGConfig, RUD, RUDConfig, TD3Config
-from agents.rud.rud_rl_module import DEFAULT_MODEL_CONFIG
+from agents.rud.rud_rl_module import DEFAULT_MODEL_CONFIG, RUDTorchRLModule
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -120,6 +121,19 @@ def test_defaults_are_the_td3_papers_and_rud_blocks_are_one_episode():
             config.exploration_noise) == (True, 2, 0.2, 0.5, 0.1)
     assert DEFAULT_MODEL_CONFIG["actor_hidden"] == DEFAULT_MODEL_CONFIG["critic_hidden"] == [256, 256]
 
+
+
+def test_a_negative_smoothing_clip_is_refused_and_idle_envs_are_warned_about():
+    with pytest.raises(ValueError, match=r"target_noise_clip must be >= 0 .*got -0.5"):
+        RUDConfig().training(target_noise_clip=-0.5).validate()
+    # one-step blocks move one environment: the other seven would never step
+    with pytest.warns(UserWarning, match=r"TD3: update_interval=1 is smaller than the 8 environments .*"
+                                         r"update_interval >= 8"):
+        TD3Config().environment("Pendulum-v1").env_runners(num_env_runners=2, num_envs_per_env_runner=4).validate()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        RUDConfig().environment("Pendulum-v1").env_runners(num_env_runners=2, num_envs_per_env_runner=4).validate()
+    assert not [w for w in caught if "environments" in str(w.message)]  # 1000-step blocks use all eight
 
 class DiscreteProbe(gym.Env):
     """Two discrete actions, spaces set in ``__init__`` from the env config."""
@@ -577,6 +591,64 @@ def test_rud_learns_pendulum(device):
     finally:
         algo.stop()
 
+
+
+def test_evaluate_without_evaluation_runners_is_deterministic(monkeypatch):
+    """With no evaluation EnvRunners RLlib evaluates on the training EnvRunner, whose sample()
+    would explore by the training config's default: before learning_starts, uniform noise.
+    The evaluation must be the deterministic policy that evaluation_config asks for."""
+    algo = tiny().evaluation(evaluation_duration=1, evaluation_duration_unit="episodes").build_algo()
+    try:
+        assert algo.eval_env_runner_group is None
+        algo.train()
+        calls = []
+        act = RUDTorchRLModule.act
+
+        def spy(module, obs, t, explore):
+            calls.append(explore)
+            return act(module, obs, t, explore)
+
+        monkeypatch.setattr(RUDTorchRLModule, "act", spy)
+        result = algo.evaluate()
+        assert result["env_runners"]["num_episodes"] == 1
+        assert calls and not any(calls)
+        calls.clear()
+        algo.train()  # and training still explores
+        assert calls and all(calls)
+    finally:
+        algo.stop()
+
+
+def test_a_generator_state_from_another_device_restores_a_repeatable_stream(caplog):
+    """A CUDA Learner's checkpoint restored on a CPU Learner (or the reverse): the two kinds of
+    generator keep different states, so the minibatch stream restarts from a seed derived from
+    the saved state; on the same kind of device it continues exactly."""
+    algo = tiny(learning_starts=0).build_algo()
+    try:
+        algo.train()
+        learner = learner_of(algo)
+        state = learner.get_state()
+        assert state["generator_device"] == "cpu"
+
+        def draws():
+            return torch.randint(0, 10**6, (16,), generator=learner.generator)
+
+        expected = draws()
+        learner.set_state(state)
+        assert torch.equal(draws(), expected)
+        # a CUDA generator's state is its seed and offset, 16 bytes
+        foreign = {**state, "generator": torch.arange(16, dtype=torch.uint8), "generator_device": "cuda"}
+        learner.set_state(foreign)
+        first = draws()
+        assert "belongs to a Learner on cuda" in caplog.text
+        learner.set_state(foreign)
+        assert torch.equal(draws(), first)
+        assert not torch.equal(first, expected)
+        # a checkpoint written before the device was recorded
+        learner.set_state({key: value for key, value in foreign.items() if key != "generator_device"})
+        assert torch.equal(draws(), first)
+    finally:
+        algo.stop()
 
 def test_a_restored_learner_trains_with_its_new_learning_rates(tmp_path):
     """PBT's exploit restores a checkpoint into a config with perturbed rates: the very

@@ -8,7 +8,12 @@ optionally, replay buffer.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import warnings
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def replay_config_errors(config: Any, name: str) -> list[str]:
@@ -35,6 +40,26 @@ def replay_config_errors(config: Any, name: str) -> list[str]:
                       "applies no env-to-module or module-to-env connectors; remove them (observation "
                       "normalisation, where the algorithm has it, is a training setting)")
     return errors
+
+
+def warn_if_envs_idle(config: Any, name: str) -> None:
+    """Warn when a block is smaller than the environments that could step it.
+
+    :func:`~agents.common.transition_env_runner.collect_from_runners` gives each block's steps
+    to the EnvRunners and, within one, to its sub-environments in order, so a block of
+    ``update_interval`` steps moves at most that many environments: with one-step blocks (TD3,
+    DDPG, the DQNs) only the first EnvRunner's first sub-environment ever steps."""
+    from agents.common.transition_env_runner import TransitionEnvRunner
+
+    if not (isinstance(config.env_runner_cls, type) and issubclass(config.env_runner_cls, TransitionEnvRunner)):
+        return
+    parallel = max(1, int(config.num_env_runners)) * max(1, int(config.num_envs_per_env_runner))
+    if int(config.update_interval) < parallel:
+        warnings.warn(
+            f"{name}: update_interval={config.update_interval} is smaller than the {parallel} environments "
+            f"(num_env_runners x num_envs_per_env_runner); each block steps only {config.update_interval} of them "
+            f"and the others stay idle. Set update_interval >= {parallel} (blocks of that many steps, then their "
+            f"updates) or use fewer environments.", UserWarning, stacklevel=3)
 
 
 def set_provided(config: Any, arguments: dict[str, Any]) -> Any:
@@ -106,6 +131,21 @@ class UpdateCreditMixin:
             group.foreach_env_runner("set_state", kwargs={"state": state_ref}, local_env_runner=False,
                                      timeout_seconds=self.config.sample_timeout_s)
 
+    def _evaluate_on_local_env_runner(self, env_runner):
+        """RLlib's evaluation on one local EnvRunner, acting as ``evaluation_config`` says.
+
+        With no evaluation EnvRunners configured RLlib evaluates on the training EnvRunner, whose
+        ``sample()`` explores by the training config's ``explore``; these algorithms never sample
+        for training through ``sample()`` (their blocks come from ``collect()``), so its default
+        would only ever make an evaluation explore (for RUD: uniform-random warm-up actions)."""
+        explore = bool(self.evaluation_config.explore)
+        sample = env_runner.sample
+        env_runner.sample = lambda *args, **kwargs: sample(*args, **{"explore": explore, **kwargs})
+        try:
+            return super()._evaluate_on_local_env_runner(env_runner)
+        finally:
+            del env_runner.sample  # the class's own method again
+
     def _runner_metrics(self) -> list:
         group = self.env_runner_group
         if group.num_remote_env_runners() == 0:
@@ -139,15 +179,34 @@ class ReplayLearnerStateMixin:
         if self._check_component("update_counters", components, not_components):
             state["update_counters"] = self._counters()
             state["generator"] = self.generator.get_state()
+            state["generator_device"] = self.generator.device.type
         if self.config.checkpoint_replay_buffer and self._check_component("replay_buffer", components, not_components):
             state["replay_buffer"] = self.replay.get_state()
         return state
+
+    def _set_generator_state(self, saved: Any, device_type: str | None) -> None:
+        """Continue the saved minibatch stream, or, for a checkpoint written by a Learner on
+        another kind of device (CPU and CUDA generators keep different states), start a stream
+        seeded from the saved state, so the restore still works and stays repeatable."""
+        import torch
+
+        if device_type in (None, self.generator.device.type):
+            try:
+                self.generator.set_state(saved)
+                return
+            except RuntimeError:  # a checkpoint from before device types were recorded
+                pass
+        seed = int.from_bytes(hashlib.sha256(bytes(torch.as_tensor(saved).cpu().numpy())).digest()[:8], "little")
+        self.generator.manual_seed(seed)
+        logger.warning("The checkpoint's minibatch generator belongs to a Learner on %s, this one runs on %s: "
+                       "minibatches continue from a new stream seeded from the saved state",
+                       device_type or "another device", self.generator.device.type)
 
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
         if state.get("update_counters"):
             self._set_counters(state["update_counters"])
         if "generator" in state:
-            self.generator.set_state(state["generator"])
+            self._set_generator_state(state["generator"], state.get("generator_device"))
         if "replay_buffer" in state:
             self.replay.set_state(state["replay_buffer"])

@@ -37,7 +37,8 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, set_provided, share_with_local_env_runner
+from agents.common.off_policy import (UpdateCreditMixin, replay_config_errors, set_provided,
+                                      share_with_local_env_runner, warn_if_envs_idle)
 from agents.common.transition_env_runner import TransitionEnvRunner, collect_from_runners, is_image_space
 
 RETURN_BOUNDS: dict[str, tuple[float, float]] = {
@@ -149,6 +150,7 @@ class NROWANConfig(AlgorithmConfig):
             errors.append(f"target_update_interval must be >= 1, got {self.target_update_interval}")
         if errors:
             raise ValueError("; ".join(errors))
+        warn_if_envs_idle(self, type(self).__name__.removesuffix("Config"))
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         from agents.nrowan.nrowan_rl_module import NROWANTorchRLModule

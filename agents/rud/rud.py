@@ -34,7 +34,8 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from agents.common.off_policy import UpdateCreditMixin, replay_config_errors, set_provided, share_with_local_env_runner
+from agents.common.off_policy import (UpdateCreditMixin, replay_config_errors, set_provided,
+                                      share_with_local_env_runner, warn_if_envs_idle)
 from agents.common.transition_env_runner import TransitionEnvRunner, collect_from_runners
 
 
@@ -130,6 +131,9 @@ class RUDConfig(AlgorithmConfig):
             errors.append(f"tau must be in (0, 1], got {self.tau}")
         if self.target_noise < 0 or self.exploration_noise < 0:
             errors.append("target_noise and exploration_noise must be >= 0")
+        if self.target_noise_clip < 0:
+            errors.append(f"target_noise_clip must be >= 0 (the smoothing noise is clipped to "
+                          f"[-clip, clip]), got {self.target_noise_clip}")
         for name in ("actor_lr", "critic_lr"):
             value = getattr(self, name)
             if isinstance(value, (int, float)) and value <= 0:
@@ -144,6 +148,7 @@ class RUDConfig(AlgorithmConfig):
                               f"set it with .training({key}=...) only")
         if errors:
             raise ValueError("; ".join(errors))
+        warn_if_envs_idle(self, type(self).__name__.removesuffix("Config"))
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         from agents.rud.rud_rl_module import RUDTorchRLModule
