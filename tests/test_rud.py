@@ -134,6 +134,13 @@ def test_a_negative_smoothing_clip_is_refused_and_idle_envs_are_warned_about():
         warnings.simplefilter("always")
         RUDConfig().environment("Pendulum-v1").env_runners(num_env_runners=2, num_envs_per_env_runner=4).validate()
     assert not [w for w in caught if "environments" in str(w.message)]  # 1000-step blocks use all eight
+    # evaluation EnvRunners play episodes, not blocks: RLlib's check of the evaluation config is quiet
+    td3 = TD3Config().environment("Pendulum-v1").evaluation(evaluation_num_env_runners=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        td3.validate()
+        td3.get_evaluation_config_object().validate()
+    assert not [w for w in caught if "environments" in str(w.message)]
 
 class DiscreteProbe(gym.Env):
     """Two discrete actions, spaces set in ``__init__`` from the env config."""
@@ -612,6 +619,7 @@ def test_evaluate_without_evaluation_runners_is_deterministic(monkeypatch):
         result = algo.evaluate()
         assert result["env_runners"]["num_episodes"] == 1
         assert calls and not any(calls)
+        assert "sample" not in vars(algo.env_runner)  # the runner's own sample() again
         calls.clear()
         algo.train()  # and training still explores
         assert calls and all(calls)
@@ -647,6 +655,9 @@ def test_a_generator_state_from_another_device_restores_a_repeatable_stream(capl
         # a checkpoint written before the device was recorded
         learner.set_state({key: value for key, value in foreign.items() if key != "generator_device"})
         assert torch.equal(draws(), first)
+        # states that arrive as numpy arrays restore the same way
+        learner.set_state({**state, "generator": state["generator"].numpy()})
+        assert torch.equal(draws(), expected)
     finally:
         algo.stop()
 

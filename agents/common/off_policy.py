@@ -51,6 +51,8 @@ def warn_if_envs_idle(config: Any, name: str) -> None:
     DDPG, the DQNs) only the first EnvRunner's first sub-environment ever steps."""
     from agents.common.transition_env_runner import TransitionEnvRunner
 
+    if getattr(config, "in_evaluation", False):
+        return  # evaluation EnvRunners play whole episodes, not blocks
     if not (isinstance(config.env_runner_cls, type) and issubclass(config.env_runner_cls, TransitionEnvRunner)):
         return
     parallel = max(1, int(config.num_env_runners)) * max(1, int(config.num_envs_per_env_runner))
@@ -139,12 +141,16 @@ class UpdateCreditMixin:
         for training through ``sample()`` (their blocks come from ``collect()``), so its default
         would only ever make an evaluation explore (for RUD: uniform-random warm-up actions)."""
         explore = bool(self.evaluation_config.explore)
+        own = env_runner.__dict__.get("sample")  # an instance's own sample(), if it has one
         sample = env_runner.sample
         env_runner.sample = lambda *args, **kwargs: sample(*args, **{"explore": explore, **kwargs})
         try:
             return super()._evaluate_on_local_env_runner(env_runner)
         finally:
-            del env_runner.sample  # the class's own method again
+            if own is None:
+                del env_runner.sample  # the class's own method again
+            else:
+                env_runner.sample = own
 
     def _runner_metrics(self) -> list:
         group = self.env_runner_group
@@ -190,13 +196,14 @@ class ReplayLearnerStateMixin:
         seeded from the saved state, so the restore still works and stays repeatable."""
         import torch
 
+        saved = torch.as_tensor(saved, dtype=torch.uint8).cpu()  # a tensor, or its numpy copy
         if device_type in (None, self.generator.device.type):
             try:
                 self.generator.set_state(saved)
                 return
             except RuntimeError:  # a checkpoint from before device types were recorded
                 pass
-        seed = int.from_bytes(hashlib.sha256(bytes(torch.as_tensor(saved).cpu().numpy())).digest()[:8], "little")
+        seed = int.from_bytes(hashlib.sha256(saved.numpy().tobytes()).digest()[:8], "little")
         self.generator.manual_seed(seed)
         logger.warning("The checkpoint's minibatch generator belongs to a Learner on %s, this one runs on %s: "
                        "minibatches continue from a new stream seeded from the saved state",
