@@ -17,7 +17,7 @@ from agents.common.noisy import NoiseStream, NoisyLinear
 from agents.common.replay import TransitionBuffer
 from agents.nrowan import DQNConfig, NoisyNetDQNConfig, NROWAN, NROWANConfig
 from agents.nrowan.nrowan_learner import RETURN_SO_FAR, noise_level, noise_weight
-from agents.nrowan.nrowan_rl_module import ConvQNetwork, QNetwork, epsilon_at
+from agents.nrowan.nrowan_rl_module import ConvQNetwork, NROWANTorchRLModule, QNetwork, epsilon_at
 from agents.nrowan.td_gradients import TDGradients
 
 
@@ -391,6 +391,37 @@ def test_remote_env_runners_collect_blocks_and_receive_weights():
                                                               local_env_runner=False):
             for key, value in learner_state.items():
                 np.testing.assert_allclose(np.asarray(state[key]), value.numpy())
+    finally:
+        algo.stop()
+
+
+@pytest.mark.usefixtures("ray_for_agents")
+@pytest.mark.parametrize("evaluation_noise", [False, True])
+def test_evaluate_acts_as_evaluation_noise_says(evaluation_noise, monkeypatch):
+    """From Python as from a spec, an evaluation does not follow training's epsilon schedule:
+    DQN evaluates greedily, or at epsilon_final with evaluation_noise (its documented meaning),
+    also when RLlib evaluates on the training EnvRunner."""
+    algo = cartpole(DQNConfig, evaluation_noise=evaluation_noise, epsilon_final=0.2,
+                    epsilon_decay=10**9).build_algo()  # training's epsilon stays at 1.0
+    try:
+        algo.train()
+        calls = []
+        act = NROWANTorchRLModule.act
+
+        def spy(module, obs, t, explore):
+            calls.append(explore)
+            return act(module, obs, t, explore)
+
+        monkeypatch.setattr(NROWANTorchRLModule, "act", spy)
+        torch.manual_seed(0)
+        algo.evaluate()
+        assert calls and not any(calls)
+        module = algo.env_runner.module
+        obs = torch.randn(4000, 4)
+        greedy = module.q(obs, noisy=False).argmax(-1)
+        changed = (module.act(obs, 0.0, explore=False) != greedy).float().mean().item()
+        # a random action differs from the greedy one half the time on CartPole's two actions
+        assert changed == 0.0 if not evaluation_noise else 0.05 < changed < 0.15
     finally:
         algo.stop()
 

@@ -99,6 +99,9 @@ class NROWANConfig(AlgorithmConfig):
         self.num_env_runners = 0
         self.min_sample_timesteps_per_iteration = 1000
         self.env_runner_cls = TransitionEnvRunner
+        # evaluations act as evaluation_noise says (the module's non-exploring path), not
+        # with the training schedule of epsilon
+        self.evaluation_config = AlgorithmConfig.overrides(explore=False)
 
     def training(
         self,
