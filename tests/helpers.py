@@ -261,3 +261,17 @@ def command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def record_explore_flags(monkeypatch, module_class) -> list[bool]:
+    """Spy on ``module_class.act(obs, t, explore)``: the returned list gets every call's
+    ``explore`` flag, in order (the method still runs)."""
+    calls: list[bool] = []
+    act = module_class.act
+
+    def spy(module, obs, t, explore):
+        calls.append(explore)
+        return act(module, obs, t, explore)
+
+    monkeypatch.setattr(module_class, "act", spy)
+    return calls

@@ -12,6 +12,7 @@ from torch import nn
 
 import copy
 
+from helpers import record_explore_flags
 from agents.common.flat_parameters import FlatAdam, flatten_parameters
 from agents.common.noisy import NoiseStream, NoisyLinear
 from agents.common.replay import TransitionBuffer
@@ -405,14 +406,7 @@ def test_evaluate_acts_as_evaluation_noise_says(evaluation_noise, monkeypatch):
                     epsilon_decay=10**9).build_algo()  # training's epsilon stays at 1.0
     try:
         algo.train()
-        calls = []
-        act = NROWANTorchRLModule.act
-
-        def spy(module, obs, t, explore):
-            calls.append(explore)
-            return act(module, obs, t, explore)
-
-        monkeypatch.setattr(NROWANTorchRLModule, "act", spy)
+        calls = record_explore_flags(monkeypatch, NROWANTorchRLModule)
         torch.manual_seed(0)
         algo.evaluate()
         assert calls and not any(calls)

@@ -13,6 +13,7 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 
+from helpers import record_explore_flags
 from agents.common.replay import FIELDS, episodes_to_transitions
 from agents.rud import DDPGConfig, RUD, RUDConfig, TD3Config
 from agents.rud.rud_rl_module import DEFAULT_MODEL_CONFIG, RUDTorchRLModule
@@ -608,14 +609,7 @@ def test_evaluate_without_evaluation_runners_is_deterministic(monkeypatch):
     try:
         assert algo.eval_env_runner_group is None
         algo.train()
-        calls = []
-        act = RUDTorchRLModule.act
-
-        def spy(module, obs, t, explore):
-            calls.append(explore)
-            return act(module, obs, t, explore)
-
-        monkeypatch.setattr(RUDTorchRLModule, "act", spy)
+        calls = record_explore_flags(monkeypatch, RUDTorchRLModule)
         result = algo.evaluate()
         assert result["env_runners"]["num_episodes"] == 1
         assert calls and not any(calls)
