@@ -123,7 +123,6 @@ def test_defaults_are_the_td3_papers_and_rud_blocks_are_one_episode():
     assert DEFAULT_MODEL_CONFIG["actor_hidden"] == DEFAULT_MODEL_CONFIG["critic_hidden"] == [256, 256]
 
 
-
 def test_a_negative_smoothing_clip_is_refused_and_idle_envs_are_warned_about():
     with pytest.raises(ValueError, match=r"target_noise_clip must be >= 0 .*got -0.5"):
         RUDConfig().training(target_noise_clip=-0.5).validate()
@@ -142,6 +141,7 @@ def test_a_negative_smoothing_clip_is_refused_and_idle_envs_are_warned_about():
         td3.validate()
         td3.get_evaluation_config_object().validate()
     assert not [w for w in caught if "environments" in str(w.message)]
+
 
 class DiscreteProbe(gym.Env):
     """Two discrete actions, spaces set in ``__init__`` from the env config."""
@@ -600,7 +600,6 @@ def test_rud_learns_pendulum(device):
         algo.stop()
 
 
-
 def test_evaluate_without_evaluation_runners_is_deterministic(monkeypatch):
     """With no evaluation EnvRunners RLlib evaluates on the training EnvRunner, whose sample()
     would explore by the training config's default: before learning_starts, uniform noise.
@@ -654,6 +653,7 @@ def test_a_generator_state_from_another_device_restores_a_repeatable_stream(capl
         assert torch.equal(draws(), expected)
     finally:
         algo.stop()
+
 
 def test_a_restored_learner_trains_with_its_new_learning_rates(tmp_path):
     """PBT's exploit restores a checkpoint into a config with perturbed rates: the very
