@@ -97,9 +97,13 @@ def test_stop_ends_a_running_job_and_marks_its_run_killed(head, project):
     assert result.returncode == 0, result.stderr
     submission_id = result.stdout.strip()
     assert "follow it with: raysmith jobs logs" in result.stderr
-    deadline = time.monotonic() + 120
+    # the job's driver, runtime env and EnvRunners start on a 2-core head that the other test worker also loads
+    deadline = time.monotonic() + 300
     while not [r for r in job_runs(project)[1] if r.data.metrics.get("env_steps", 0) > 0]:
-        assert time.monotonic() < deadline, "the job never started training"
+        if time.monotonic() > deadline:
+            status = raysmith("jobs", "status", submission_id, "--address", head.dashboard_url, cwd=project)
+            logs = raysmith("jobs", "logs", submission_id, "--address", head.dashboard_url, cwd=project)
+            raise AssertionError(f"the job never started training: {status.stdout}{logs.stdout[-3000:]}")
         time.sleep(1)
     stopped = raysmith("jobs", "stop", submission_id, "--address", head.dashboard_url, cwd=project)
     assert stopped.returncode == 0 and "stop requested" in stopped.stdout
