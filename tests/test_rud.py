@@ -590,6 +590,12 @@ def test_rud_learns_pendulum(device):
         .evaluation(evaluation_interval=2**31 - 1, evaluation_duration=10, evaluation_duration_unit="episodes",
                     evaluation_config=RUDConfig.overrides(explore=False))
     )
+    # One math thread: the suite runs two test processes on 2 cores, and with two threads each
+    # the Learner's small products wait on descheduled threads. Here, next to two busy
+    # processes, this test took 145 s with two threads and 52 s with one; a CI run on a loaded
+    # machine timed it out at 900 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     algo = config.build_algo()
     try:
         while algo.train()["env_runners"]["num_env_steps_sampled_lifetime"] < 6000:
@@ -598,6 +604,7 @@ def test_rud_learns_pendulum(device):
         assert returns > -400, returns  # random policy: about -1200; solved: about -150
     finally:
         algo.stop()
+        torch.set_num_threads(threads)
 
 
 def test_evaluate_without_evaluation_runners_is_deterministic(monkeypatch):
