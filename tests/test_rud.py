@@ -579,8 +579,20 @@ def test_a_killed_env_runner_is_replaced_and_training_continues():
         algo.stop()
 
 
+@pytest.fixture
+def one_math_thread():
+    """One torch thread for the test, restored after it even when the test fails. The suite
+    runs two test processes on 2 cores, and with two threads each the Learner's small products
+    wait on descheduled threads: next to two busy processes the Pendulum test below took 145 s
+    with two threads and 52 s with one, and a CI run on a loaded machine timed it out at 900 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-def test_rud_learns_pendulum(device):
+def test_rud_learns_pendulum(device, one_math_thread):
     config = (
         RUDConfig()
         .environment("Pendulum-v1")
@@ -590,12 +602,6 @@ def test_rud_learns_pendulum(device):
         .evaluation(evaluation_interval=2**31 - 1, evaluation_duration=10, evaluation_duration_unit="episodes",
                     evaluation_config=RUDConfig.overrides(explore=False))
     )
-    # One math thread: the suite runs two test processes on 2 cores, and with two threads each
-    # the Learner's small products wait on descheduled threads. Here, next to two busy
-    # processes, this test took 145 s with two threads and 52 s with one; a CI run on a loaded
-    # machine timed it out at 900 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     algo = config.build_algo()
     try:
         while algo.train()["env_runners"]["num_env_steps_sampled_lifetime"] < 6000:
@@ -604,7 +610,6 @@ def test_rud_learns_pendulum(device):
         assert returns > -400, returns  # random policy: about -1200; solved: about -150
     finally:
         algo.stop()
-        torch.set_num_threads(threads)
 
 
 def test_evaluate_without_evaluation_runners_is_deterministic(monkeypatch):
