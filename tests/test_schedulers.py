@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -99,6 +100,23 @@ def assert_rates_reached_the_learner(client, run, pairs):
             assert lr == pytest.approx(configured[report], rel=1e-6), (used_key, report, configured[report], lr)
 
 
+def trial_reports(trial_dir: Path) -> dict[int, tuple[int, int]]:
+    """(iterations_since_restore, pid) of each training iteration Tune logged for a trial, from
+    result.json and progress.csv together. When a trial restarts from a checkpoint, Tune copies
+    both files back from the experiment folder over the driver's copies, and lines written
+    since the folder's last sync can be lost: one CI run found a single line left in each
+    trial's result.json while progress.csv held all twelve."""
+    reports: dict[int, tuple[int, int]] = {}
+    for line in (trial_dir / "result.json").read_text().splitlines():
+        if line.strip():
+            report = json.loads(line)
+            reports[int(report["training_iteration"])] = (int(report["iterations_since_restore"]), int(report["pid"]))
+    with open(trial_dir / "progress.csv", newline="") as rows:
+        for row in csv.DictReader(rows):
+            reports.setdefault(int(row["training_iteration"]), (int(row["iterations_since_restore"]), int(row["pid"])))
+    return reports
+
+
 def test_pbt_over_rud_puts_the_perturbed_rates_into_both_optimizers(workdir):
     text = tiny_rud(name="pbt-rud") + """\
 search:
@@ -120,12 +138,13 @@ search:
     # machine, three for nine starts when another test module shared the cores. At most two
     # processes serve the trials' first starts, so the rest were started for restarts:
     # fewer than half of those.
-    results = sorted(Path(outcome.experiment_dir).glob("*/result.json"))
-    assert len(results) == 2
-    reports = [json.loads(line) for result in results for line in result.read_text().splitlines() if line.strip()]
-    restarts = sum(report["iterations_since_restore"] == 1 for report in reports) - len(results)
-    pids = {report["pid"] for report in reports}
-    assert restarts > 0 and 2 * (len(pids) - 2) < restarts, (restarts, pids)
+    trials = sorted(path.parent for path in Path(outcome.experiment_dir).glob("*/progress.csv"))
+    assert len(trials) == 2
+    reports = {trial: trial_reports(trial) for trial in trials}
+    restarts = sum(since_restore == 1 for logged in reports.values() for since_restore, _ in logged.values()) - len(trials)
+    pids = {pid for logged in reports.values() for _, pid in logged.values()}
+    missing = {trial.name: sorted(set(range(1, max(logged) + 1)) - set(logged)) for trial, logged in reports.items()}
+    assert restarts > 0 and 2 * (len(pids) - 2) < restarts, (restarts, pids, "iterations logged by neither file:", missing)
     client, runs = trial_runs(outcome)
     assert len(runs) == 2
     for run in runs:
