@@ -22,6 +22,7 @@ depend on how the trials learn, so their number differs between runs; ``--schedu
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -78,8 +79,13 @@ def run_once(reuse: bool, args: argparse.Namespace) -> dict[str, float]:
     if outcome.errors or outcome.unfinished:
         raise SystemExit(f"the search had {outcome.errors} errored and {outcome.unfinished} unfinished trials")
     experiment = Path(outcome.experiment_dir)
-    pids = {json.loads(line)["pid"] for result in experiment.glob("*/result.json")
+    # both of Tune's per-trial logs: a restart from a checkpoint can lose result.json lines that
+    # progress.csv kept (tests/test_schedulers.py::trial_reports says how)
+    pids = {int(json.loads(line)["pid"]) for result in experiment.glob("*/result.json")
             for line in result.read_text().splitlines() if line.strip()}
+    for progress in experiment.glob("*/progress.csv"):
+        with open(progress, newline="") as rows:
+            pids |= {int(row["pid"]) for row in csv.DictReader(rows)}
     exploits = sum(1 for line in (experiment / "pbt_global.txt").read_text().splitlines() if line.strip()) \
         if (experiment / "pbt_global.txt").exists() else 0
     return {"wall_s": wall, "processes": len(pids), "exploits": exploits}
