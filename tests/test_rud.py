@@ -180,6 +180,57 @@ def test_model_config_may_not_contradict_the_training_settings():
     tiny().rl_module(model_config={**TINY_MODEL, "learning_starts": 150}).validate()  # agreeing is fine
 
 
+def test_rllib_settings_it_would_not_apply_are_refused():
+    """RLlib's AlgorithmConfig takes these; RUD, TD3 and DDPG would train without them."""
+    with pytest.raises(ValueError, match=r"lr is not a TD3 setting .*set actor_lr and critic_lr instead \(now 0.0003"):
+        TD3Config().environment("Pendulum-v1").training(lr=1e-3).validate()
+    with pytest.raises(ValueError, match=r"train_batch_size is not used by RUD; .*train_batch_size_per_learner \(now 32\)"):
+        tiny(train_batch_size=512).validate()
+    with pytest.raises(ValueError, match=r"normalize_actions must stay True: DDPG's actor acts in \[-1, 1\]"):
+        DDPGConfig().environment("Pendulum-v1", normalize_actions=False).validate()
+    with pytest.raises(ValueError, match=r"activation must be one of relu, tanh, elu; got 'gelu'"):
+        tiny().rl_module(model_config={**TINY_MODEL, "activation": "gelu"}).validate()
+    with pytest.raises(ValueError, match=r"critic_hidden must be a list of positive layer widths, at least one"):
+        tiny().rl_module(model_config={"critic_hidden": []}).validate()
+    with pytest.raises(ValueError, match=r"actor_hidden must be .*got \[64, 0\]"):
+        tiny().rl_module(model_config={"actor_hidden": [64, 0]}).validate()
+    tiny().rl_module(model_config={"actor_hidden": [], "activation": "elu"}).validate()  # a linear actor is fine
+
+
+def test_td_targets_discount_only_the_transitions_that_did_not_terminate(monkeypatch):
+    """The targets the Learner trains on, against y = r + gamma (1 - terminated) min_i
+    Q'_i(s', clip(mu'(s') + noise, -1, 1)) computed here from the target networks' own forward."""
+    from agents.rud.fused_update import FusedTD3Update
+
+    learner = tiny(train_batch_size_per_learner=64, gamma=0.9).build_learner(env=gym.make("Pendulum-v1"))
+    module = learner.module[DEFAULT_MODULE_ID]
+    count, rng = 300, np.random.default_rng(0)
+    terminated = (np.arange(count) % 3 == 0).astype(np.float32)[:, None]
+    learner.replay.add({
+        "obs": rng.normal(size=(count, 3)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, (count, 1)).astype(np.float32),
+        "rewards": np.arange(count, dtype=np.float32)[:, None],  # a reward names its transition
+        "next_obs": rng.normal(size=(count, 3)).astype(np.float32),
+        "terminateds": terminated,
+    })
+    original, checked = FusedTD3Update.target, []
+
+    def checking_target(self, next_obs, rewards, discounts, noise):
+        y, next_q = original(self, next_obs, rewards, discounts, noise)
+        with torch.no_grad():
+            action = (module.target_actor(next_obs) + noise).clamp(-1.0, 1.0)
+            smallest = module.target_critic(next_obs, action).amin(0).view(-1, 1)
+            done = torch.as_tensor(terminated)[rewards.view(-1).long()]
+        torch.testing.assert_close(y, rewards + 0.9 * (1.0 - done) * smallest, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(y[done.bool()], rewards[done.bool()], rtol=0, atol=0)  # y = r at the end
+        checked.append(int(done.sum()))
+        return y, next_q
+
+    monkeypatch.setattr(FusedTD3Update, "target", checking_target)
+    learner._updates(module, 8)  # targets in pairs (policy_delay 2), the target networks moving between them
+    assert len(checked) == 4 and 0 < sum(checked) < 4 * 128
+
+
 @pytest.mark.parametrize("std, clip, clipped", [(0.2, 0.5, (0.0, 0.03)), (1.0, 0.5, (0.55, 0.68))])
 def test_target_smoothing_noise_has_its_std_and_is_clipped(std, clip, clipped, monkeypatch):
     config = (RUDConfig().environment("Pendulum-v1")
@@ -412,6 +463,10 @@ def test_checkpoint_restores_actions_counters_and_replay(tmp_path):
         learner = learner_of(algo)
         counters = (learner.critic_updates, learner.actor_updates, len(learner.replay))
         stats = learner.module[DEFAULT_MODULE_ID].obs_norm.mean.clone()
+        saved = learner_tensors(learner)
+        # the uninterrupted Learner goes on for 20 updates, for the restored one to match
+        learner._updates(learner.module[DEFAULT_MODULE_ID], 20)
+        continued = learner_tensors(learner)
     finally:
         algo.stop()
     restored = RUD.from_checkpoint(str(tmp_path / "ckpt"))
@@ -422,11 +477,33 @@ def test_checkpoint_restores_actions_counters_and_replay(tmp_path):
         torch.testing.assert_close(learner.module[DEFAULT_MODULE_ID].obs_norm.mean, stats)
         # the EnvRunner acts with the restored policy too
         np.testing.assert_array_equal(actions_of(restored.env_runner_group.local_env_runner.module, obs), before)
+        # every weight (targets included), Adam moment and step count comes back exactly
+        restored_tensors = learner_tensors(learner)
+        assert restored_tensors.keys() == saved.keys()
+        for key, value in saved.items():
+            torch.testing.assert_close(restored_tensors[key], value, rtol=0, atol=0, msg=key)
+        # and, with the replay buffer and the minibatch stream, the next updates are the same
+        learner._updates(learner.module[DEFAULT_MODULE_ID], 20)
+        for key, value in learner_tensors(learner).items():
+            torch.testing.assert_close(value, continued[key], rtol=1e-5, atol=1e-6, msg=key)
         result = restored.train()  # and training continues where it stopped
         assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 400
-        assert learner.critic_updates == counters[0] + 100
+        assert learner.critic_updates == counters[0] + 20 + 100
     finally:
         restored.stop()
+
+
+def learner_tensors(learner) -> dict[str, torch.Tensor]:
+    """Copies of the module's state (weights, target networks, observation statistics) and
+    of each optimizer's state (Adam's moments and step counts)."""
+    tensors = {f"module.{key}": value.detach().clone()
+               for key, value in learner.module[DEFAULT_MODULE_ID].state_dict().items()}
+    for name, optimizer in learner._named_optimizers.items():
+        for index, state in optimizer.state_dict()["state"].items():
+            tensors.update({f"{name}.{index}.{key}": torch.as_tensor(value).clone() for key, value in state.items()})
+    assert any(key.startswith("module.target_critic") for key in tensors)
+    assert any(key.endswith("exp_avg_sq") for key in tensors)
+    return tensors
 
 
 def test_replay_is_left_out_of_checkpoints_by_default(tmp_path):
@@ -447,9 +524,9 @@ def test_replay_is_left_out_of_checkpoints_by_default(tmp_path):
 
 
 def assert_runners_act_as_the_learner(algo):
-    """Every remote EnvRunner holds the Learner's actor and observation statistics (the
-    float32 shift and scale it acts with exactly; RLlib's weight sync sends the float64 running
-    mean, variance and count as float32)."""
+    """Every remote EnvRunner holds exactly the Learner's actor and observation statistics
+    (the float64 running mean, variance and count too, which RLlib's own ``set_state`` would
+    round to float32)."""
     module = learner_of(algo).module[DEFAULT_MODULE_ID]
     learner_state = {**module.actor.state_dict(), **{f"norm.{k}": v for k, v in module.obs_norm.state_dict().items()}}
     assert module.obs_norm.count > 0
@@ -461,10 +538,8 @@ def assert_runners_act_as_the_learner(algo):
     for state in runner_states:
         assert state.keys() == learner_state.keys()
         for key, value in learner_state.items():
-            if value.dtype == torch.float64:
-                np.testing.assert_allclose(np.asarray(state[key]), value.numpy(), rtol=1e-6, err_msg=key)
-            else:
-                np.testing.assert_array_equal(np.asarray(state[key]), value.numpy(), err_msg=key)
+            assert np.asarray(state[key]).dtype == value.numpy().dtype, key
+            np.testing.assert_array_equal(np.asarray(state[key]), value.numpy(), err_msg=key)
 
 
 def test_remote_env_runners_with_vector_envs_sample_one_block(tmp_path):
@@ -554,7 +629,7 @@ def test_a_learner_on_a_gpu_trains_checkpoints_and_feeds_the_cpu_env_runner(tmp_
 
 
 def test_a_killed_env_runner_is_replaced_and_training_continues():
-    config = tiny(learning_starts=0, update_interval=100).env_runners(num_env_runners=2)
+    config = tiny(learning_starts=0, update_interval=100, normalize_observations=True).env_runners(num_env_runners=2)
     config.fault_tolerance(restart_failed_env_runners=True)
     algo = config.build_algo()
     try:
@@ -575,6 +650,8 @@ def test_a_killed_env_runner_is_replaced_and_training_continues():
         assert learner.critic_updates > updates  # the Learner kept its state throughout
         result = algo.train()  # and both runners sample the next block
         assert result["env_runners"]["num_env_steps_sampled"] == 100
+        # the replacement acts with the Learner's actor and statistics, not freshly built ones
+        assert_runners_act_as_the_learner(algo)
     finally:
         algo.stop()
 

@@ -165,6 +165,16 @@ def test_rud_training_arguments_are_checked(tmp_path):
     assert "policy_delay must be >= 1" in message
     [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5"), ["learners.num_learners=2"])
     assert "num_learners must be 0" in message
+    # RLlib settings RUD would take and not apply are refused, naming what to set instead
+    [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5"), ["training.lr=0.001"])
+    assert "lr is not a RUD setting" in message and "set actor_lr and critic_lr" in message
+
+
+def test_rud_network_settings_are_checked(tmp_path):
+    [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5") + "model: {activation: gelu}\n")
+    assert "activation must be one of relu, tanh, elu; got 'gelu'" in message
+    [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5") + "model: {critic_hidden: []}\n")
+    assert "critic_hidden must be a list of positive layer widths, at least one" in message
 
 
 def test_unknown_mujoco_env_lists_close_matches(tmp_path):

@@ -16,13 +16,20 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
 
 
+def activation_class(name: str) -> type[nn.Module]:
+    """The hidden-layer activation called ``name``; a ValueError names the allowed ones."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+    return ACTIVATIONS[name]
+
+
 def mlp(sizes: Sequence[int], activation: str = "relu", output_activation: type[nn.Module] | None = None) -> nn.Sequential:
     """Linear layers between ``sizes``, ``activation`` between them, PyTorch's default init."""
     layers: list[nn.Module] = []
     for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(fan_in, fan_out))
         if index < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
+            layers.append(activation_class(activation)())
     if output_activation is not None:
         layers.append(output_activation())
     return nn.Sequential(*layers)
@@ -55,7 +62,7 @@ class FusedCritics(nn.Module):
             raise ValueError("FusedCritics needs at least one hidden layer")
         self.num_critics = n = num_critics
         self.hidden = tuple(hidden)
-        self.activation = ACTIVATIONS[activation]()
+        self.activation = activation_class(activation)()
         in_dim = obs_dim + act_dim
         self.first_weight = nn.Parameter(torch.empty(in_dim, n * hidden[0]))
         self.first_bias = nn.Parameter(torch.empty(n * hidden[0]))

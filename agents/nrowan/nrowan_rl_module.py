@@ -22,7 +22,7 @@ from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, TargetNetworkAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 
-from agents.common.networks import ACTIVATIONS
+from agents.common.networks import activation_class
 from agents.common.noisy import NoiseStream, NoisyLinear, factorised_noise
 from agents.common.transition_env_runner import is_image_space
 
@@ -62,7 +62,7 @@ class QNetwork(nn.Module):
             noisy = index >= num_layers - noisy_layers
             self.layers.append(NoisyLinear(fan_in, fan_out, sigma_0, bias_sigma_fan) if noisy else nn.Linear(fan_in, fan_out))
         self.activation_name = activation
-        self.activation = ACTIVATIONS[activation]()
+        self.activation = activation_class(activation)()
         self._activate = ACTIVATION_FUNCTIONS[activation]
         self.noise_shapes = [(layer.in_features, layer.out_features) for _, layer in self.noisy_layers]
         """``(in, out)`` of each noisy layer, input side first: the shapes :meth:`sample_noise` draws."""

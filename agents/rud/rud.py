@@ -39,13 +39,16 @@ from agents.common.off_policy import (UpdateCreditMixin, replay_config_errors, s
 from agents.common.transition_env_runner import TransitionEnvRunner, collect_from_runners
 
 
+_RLLIB_TRAIN_BATCH_SIZE = AlgorithmConfig().train_batch_size  # RLlib's default, unused here
+
+
 class RUDConfig(AlgorithmConfig):
     """RUD hyperparameters; defaults are the TD3 paper's and CleanRL's, plus RUD's block.
 
     Example::
 
         algo = RUDConfig().environment("HalfCheetah-v5").build_algo()
-        algo.train()   # one block: 1000 env steps, then 1000 updates
+        algo.train()   # one block: 1000 env steps, then 1000 updates (none before learning_starts)
     """
 
     def __init__(self, algo_class: type | None = None):
@@ -138,6 +141,20 @@ class RUDConfig(AlgorithmConfig):
             value = getattr(self, name)
             if isinstance(value, (int, float)) and value <= 0:
                 errors.append(f"{name} must be positive, got {value}")
+        algorithm = type(self).__name__.removesuffix("Config")
+        # RLlib settings these algorithms would otherwise take and silently not apply
+        if self.lr is not None:
+            errors.append(f"lr is not a {algorithm} setting (the actor and the critics have their own Adam "
+                          f"optimizers); set actor_lr and critic_lr instead (now {self.actor_lr} and {self.critic_lr})")
+        if self.train_batch_size != _RLLIB_TRAIN_BATCH_SIZE:
+            errors.append(f"train_batch_size is not used by {algorithm}; its minibatch size is "
+                          f"train_batch_size_per_learner (now {self.train_batch_size_per_learner})")
+        if not self.normalize_actions:
+            errors.append(f"normalize_actions must stay True: {algorithm}'s actor acts in [-1, 1] (tanh), and "
+                          "normalize_actions is what rescales those actions to the environment's bounds")
+        from agents.rud.rud_rl_module import model_config_problems
+
+        errors.extend(model_config_problems(self._model_config if isinstance(self._model_config, dict) else {}))
         # training settings the module reads through its model config: RLlib lets a value in
         # rl_module(model_config=...) win, which would let the two disagree silently
         own = self._model_config_auto_includes

@@ -1,7 +1,9 @@
 """RLModule of the deterministic actor-critic family: actor, n critics, their targets.
 
-Actions live in [-1, 1] (tanh); RLlib's ``normalize_actions`` connector rescales them to
-the environment's bounds, so replay, targets and noise all work in the normalised space
+Actions live in [-1, 1] (tanh) and are rescaled to the environment's bounds where they
+reach it (``normalize_actions``, which these algorithms require: ``TransitionEnvRunner``
+for training blocks, RLlib's module-to-env connector for evaluation), so replay, targets
+and noise all work in the normalised space
 (exploration noise 0.1 = 10 % of each action's half-range, as in TD3).
 
 EnvRunners build the module with ``inference_only=True``: the actor and the observation
@@ -21,7 +23,7 @@ from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, TargetNetworkAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 
-from agents.common.networks import DeterministicActor, FusedCritics, RunningNorm
+from agents.common.networks import ACTIVATIONS, DeterministicActor, FusedCritics, RunningNorm
 
 Q_VALUES = "q_values"
 Q_TARGET = "q_target"
@@ -37,6 +39,22 @@ DEFAULT_MODEL_CONFIG = {
     "exploration_noise": 0.1,
     "learning_starts": 25_000,
 }
+
+
+def model_config_problems(model_config: dict[str, Any]) -> list[str]:
+    """What is wrong with the network settings of ``rl_module(model_config=...)``: the
+    hidden sizes (positive integers; the critics need at least one layer) and the activation."""
+    problems = []
+    for key, least in (("actor_hidden", 0), ("critic_hidden", 1)):
+        sizes = model_config.get(key, DEFAULT_MODEL_CONFIG[key])
+        if (not isinstance(sizes, (list, tuple)) or len(sizes) < least
+                or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes)):
+            wanted = "a list of positive layer widths" + (", at least one" if least else " (may be empty)")
+            problems.append(f"{key} must be {wanted}, e.g. [256, 256]; got {sizes!r}")
+    activation = model_config.get("activation", DEFAULT_MODEL_CONFIG["activation"])
+    if activation not in ACTIVATIONS:
+        problems.append(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+    return problems
 
 
 def spaces_problem(observation_space: gym.Space, action_space: gym.Space) -> str | None:
@@ -134,3 +152,26 @@ class RUDTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
 
     def get_non_inference_attributes(self) -> list[str]:
         return ["critic", "target_actor", "target_critic"]
+
+    def get_state(self, *args, **kwargs) -> dict[str, Any]:
+        """RLlib's state (numpy arrays), with the float64 buffers left in float64.
+
+        RLlib's ``TorchRLModule`` converts float64 tensors to float32 both when it saves a
+        state (``get_state``) and when it loads one (``set_state``), which would round the
+        running observation statistics at every checkpoint and weight sync."""
+        state = super().get_state(*args, **kwargs)
+        tensors = self.state_dict()
+        for key in state:
+            if key in tensors and tensors[key].dtype == torch.float64:
+                state[key] = tensors[key].detach().cpu().numpy()
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Load weights from a checkpoint or a weight sync, each array in its own dtype
+        (see :meth:`get_state`). As in RLlib's, keys this module lacks are ignored (a full
+        module's state loads into an EnvRunner's inference-only one), and an inference-only
+        module missing any of its own keys is an error."""
+        missing, _ = self.load_state_dict({key: torch.as_tensor(value) for key, value in state.items()}, strict=False)
+        if self.inference_only and missing:
+            raise ValueError(f"the state lacks weights this module needs: {sorted(missing)}; "
+                             f"it holds {sorted(state)}")
