@@ -12,6 +12,7 @@ normaliser only. The Learner's full module also holds the critics and both targe
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import gymnasium as gym
@@ -163,7 +164,7 @@ class RUDTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         tensors = self.state_dict()
         for key in state:
             if key in tensors and tensors[key].dtype == torch.float64:
-                state[key] = tensors[key].detach().cpu().numpy()
+                state[key] = tensors[key].detach().cpu().numpy().copy()  # not a view of the live buffer
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -171,7 +172,11 @@ class RUDTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         (see :meth:`get_state`). As in RLlib's, keys this module lacks are ignored (a full
         module's state loads into an EnvRunner's inference-only one), and an inference-only
         module missing any of its own keys is an error."""
-        missing, _ = self.load_state_dict({key: torch.as_tensor(value) for key, value in state.items()}, strict=False)
+        with warnings.catch_warnings():
+            # weight syncs arrive as read-only arrays; load_state_dict only copies from them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensors = {key: torch.as_tensor(value) for key, value in state.items()}
+        missing, _ = self.load_state_dict(tensors, strict=False)
         if self.inference_only and missing:
             raise ValueError(f"the state lacks weights this module needs: {sorted(missing)}; "
                              f"it holds {sorted(state)}")
