@@ -349,6 +349,11 @@ class RLPipeline(Pipeline):
             key = unknown[0]
             return [Problem(f"model.{key}", f"unknown {spec.algorithm} model setting '{key}'"
                                             f"{did_you_mean(key, allowed_model)}; allowed: {', '.join(sorted(allowed_model))}")]
+        model_problems = getattr(resolve_algorithm(spec.algorithm), "model_config_problems", None)
+        if model_problems is not None:
+            found = model_problems(spec.model)
+            if found:
+                return [Problem(f"model.{key}", message) for key, message in found]
         try:
             config.validate()
         except Exception as err:

@@ -172,9 +172,11 @@ def test_rud_training_arguments_are_checked(tmp_path):
 
 def test_rud_network_settings_are_checked(tmp_path):
     [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5") + "model: {activation: gelu}\n")
-    assert "activation must be one of relu, tanh, elu; got 'gelu'" in message
-    [message] = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5") + "model: {critic_hidden: []}\n")
-    assert "critic_hidden must be a list of positive layer widths, at least one" in message
+    assert "model.activation: activation must be one of relu, tanh, elu; got 'gelu'" in message
+    found = problems(tmp_path, RUD_SPEC.format(env="HalfCheetah-v5") + "model: {critic_hidden: [], actor_hidden: [0]}\n")
+    assert len(found) == 2
+    assert "model.actor_hidden: actor_hidden must be a list of positive layer widths" in found[0]
+    assert "model.critic_hidden: critic_hidden must be a list of positive layer widths, at least one" in found[1]
 
 
 def test_unknown_mujoco_env_lists_close_matches(tmp_path):

@@ -154,7 +154,8 @@ class RUDConfig(AlgorithmConfig):
                           "normalize_actions is what rescales those actions to the environment's bounds")
         from agents.rud.rud_rl_module import model_config_problems
 
-        errors.extend(model_config_problems(self._model_config if isinstance(self._model_config, dict) else {}))
+        user_model = self._model_config if isinstance(self._model_config, dict) else {}
+        errors.extend(message for _, message in model_config_problems(user_model))
         # training settings the module reads through its model config: RLlib lets a value in
         # rl_module(model_config=...) win, which would let the two disagree silently
         own = self._model_config_auto_includes
@@ -194,6 +195,14 @@ class RUD(UpdateCreditMixin, Algorithm):
     """What ``rl_module(model_config=...)`` may set: the networks. The module's other settings
     (``twin_q``, ``exploration_noise``, ``learning_starts``, ``normalize_observations``) come
     from ``training()``."""
+
+    @staticmethod
+    def model_config_problems(model_config: dict[str, Any]) -> list[tuple[str, str]]:
+        """``(setting, what is wrong)`` for each bad value among the networks' settings; a
+        spec's check reports them at ``model.<setting>``."""
+        from agents.rud.rud_rl_module import model_config_problems
+
+        return model_config_problems(model_config)
 
     @staticmethod
     def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> str | None:

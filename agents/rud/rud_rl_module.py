@@ -42,19 +42,19 @@ DEFAULT_MODEL_CONFIG = {
 }
 
 
-def model_config_problems(model_config: dict[str, Any]) -> list[str]:
-    """What is wrong with the network settings of ``rl_module(model_config=...)``: the
-    hidden sizes (positive integers; the critics need at least one layer) and the activation."""
+def model_config_problems(model_config: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(setting, what is wrong)`` for each bad network setting of ``rl_module(model_config=...)``:
+    the hidden sizes (positive integers; the critics need at least one layer) and the activation."""
     problems = []
     for key, least in (("actor_hidden", 0), ("critic_hidden", 1)):
         sizes = model_config.get(key, DEFAULT_MODEL_CONFIG[key])
         if (not isinstance(sizes, (list, tuple)) or len(sizes) < least
                 or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes)):
             wanted = "a list of positive layer widths" + (", at least one" if least else " (may be empty)")
-            problems.append(f"{key} must be {wanted}, e.g. [256, 256]; got {sizes!r}")
+            problems.append((key, f"{key} must be {wanted}, e.g. [256, 256]; got {sizes!r}"))
     activation = model_config.get("activation", DEFAULT_MODEL_CONFIG["activation"])
     if activation not in ACTIVATIONS:
-        problems.append(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+        problems.append(("activation", f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}"))
     return problems
 
 
