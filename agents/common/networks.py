@@ -16,10 +16,18 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
 
 
+def activation_problem(name: object) -> str | None:
+    """Why ``name`` is not one of :data:`ACTIVATIONS`, naming the allowed ones, or None."""
+    if name in ACTIVATIONS:
+        return None
+    return f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}"
+
+
 def activation_class(name: str) -> type[nn.Module]:
     """The hidden-layer activation called ``name``; a ValueError names the allowed ones."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+    problem = activation_problem(name)
+    if problem:
+        raise ValueError(problem)
     return ACTIVATIONS[name]
 
 

@@ -152,10 +152,8 @@ class RUDConfig(AlgorithmConfig):
         if not self.normalize_actions:
             errors.append(f"normalize_actions must stay True: {algorithm}'s actor acts in [-1, 1] (tanh), and "
                           "normalize_actions is what rescales those actions to the environment's bounds")
-        from agents.rud.rud_rl_module import model_config_problems
-
         user_model = self._model_config if isinstance(self._model_config, dict) else {}
-        errors.extend(message for _, message in model_config_problems(user_model))
+        errors.extend(message for _, message in RUD.model_config_problems(user_model))
         # training settings the module reads through its model config: RLlib lets a value in
         # rl_module(model_config=...) win, which would let the two disagree silently
         own = self._model_config_auto_includes

@@ -24,7 +24,7 @@ from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, TargetNetworkAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 
-from agents.common.networks import ACTIVATIONS, DeterministicActor, FusedCritics, RunningNorm
+from agents.common.networks import DeterministicActor, FusedCritics, RunningNorm, activation_problem
 
 Q_VALUES = "q_values"
 Q_TARGET = "q_target"
@@ -52,9 +52,9 @@ def model_config_problems(model_config: dict[str, Any]) -> list[tuple[str, str]]
                 or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes)):
             wanted = "a list of positive layer widths" + (", at least one" if least else " (may be empty)")
             problems.append((key, f"{key} must be {wanted}, e.g. [256, 256]; got {sizes!r}"))
-    activation = model_config.get("activation", DEFAULT_MODEL_CONFIG["activation"])
-    if activation not in ACTIVATIONS:
-        problems.append(("activation", f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}"))
+    problem = activation_problem(model_config.get("activation", DEFAULT_MODEL_CONFIG["activation"]))
+    if problem:
+        problems.append(("activation", problem))
     return problems
 
 
