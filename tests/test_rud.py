@@ -215,8 +215,8 @@ def test_td_targets_discount_only_the_transitions_that_did_not_terminate(monkeyp
     })
     original, checked = FusedTD3Update.target, []
 
-    def checking_target(self, next_obs, rewards, discounts, noise):
-        y, next_q = original(self, next_obs, rewards, discounts, noise)
+    def checking_target(self, next_obs, rewards, discounts, noise, updates):
+        y = original(self, next_obs, rewards, discounts, noise, updates)
         with torch.no_grad():
             action = (module.target_actor(next_obs) + noise).clamp(-1.0, 1.0)
             smallest = module.target_critic(next_obs, action).amin(0).view(-1, 1)
@@ -224,7 +224,7 @@ def test_td_targets_discount_only_the_transitions_that_did_not_terminate(monkeyp
         torch.testing.assert_close(y, rewards + 0.9 * (1.0 - done) * smallest, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(y[done.bool()], rewards[done.bool()], rtol=0, atol=0)  # y = r at the end
         checked.append(int(done.sum()))
-        return y, next_q
+        return y
 
     monkeypatch.setattr(FusedTD3Update, "target", checking_target)
     learner._updates(module, 8)  # targets in pairs (policy_delay 2), the target networks moving between them
@@ -467,6 +467,12 @@ def test_checkpoint_restores_actions_counters_and_replay(tmp_path):
         # the uninterrupted Learner goes on for 20 updates, for the restored one to match
         learner._updates(learner.module[DEFAULT_MODULE_ID], 20)
         continued = learner_tensors(learner)
+        # restored into this same Learner, as Tune restores a reused trial: the update loop
+        # must read the restored weights and Adam state, not what it held before
+        algo.restore_from_path(str(tmp_path / "ckpt"))
+        torch.testing.assert_close(learner_tensors(learner), saved, rtol=0, atol=0)
+        learner._updates(learner.module[DEFAULT_MODULE_ID], 20)
+        torch.testing.assert_close(learner_tensors(learner), continued, rtol=1e-5, atol=1e-6)
     finally:
         algo.stop()
     restored = RUD.from_checkpoint(str(tmp_path / "ckpt"))

@@ -93,22 +93,65 @@ def supports(module: nn.Module) -> bool:
     return all(p.dtype == torch.float32 for p in module.parameters())
 
 
+class _CriticViews:
+    """A FusedCritics' parameters and gradients in the shapes the products read: made once
+    per block, not once per product (each view costs as much Python as a small kernel)."""
+
+    def __init__(self, critic: FusedCritics, obs_dim: int, with_gradients: bool):
+        n, width = critic.num_critics, critic.hidden[0]
+        in_dim = critic.first_weight.shape[0]
+        self.n, self.width = n, width
+        # the first layer as [n, in, width] and [n, 1, width]: a batched product over a
+        # shared input straight into [n, batch, width], no transposing copy afterwards
+        self.first_weight = critic.first_weight.view(in_dim, n, width).transpose(0, 1)
+        self.first_bias = critic.first_bias.view(n, 1, width)
+        self.hidden = [(w, b, w.transpose(1, 2)) for w, b in zip(critic.hidden_weights, critic.hidden_biases)]
+        self.head_weight = critic.head_weight
+        self.head_weight_t = critic.head_weight.transpose(1, 2)
+        self.head_bias = critic.head_bias.unsqueeze(-1)
+        # critic 1 alone (the actor step): plain 2-D products
+        self.first_weight_1, self.first_bias_1 = critic.first_weight[:, :width], critic.first_bias[:width]
+        self.hidden_1 = [(w[0], b[0, 0], w[0].t()) for w, b in zip(critic.hidden_weights, critic.hidden_biases)]
+        self.head_weight_1_t, self.head_bias_1 = critic.head_weight[0].t(), critic.head_bias[0]
+        self.head_weight_1 = critic.head_weight[0]
+        self.action_weight_1_t = critic.first_weight[obs_dim:, :width].t()
+        if with_gradients:
+            self.head_weight_grad, self.head_bias_grad = critic.head_weight.grad, critic.head_bias.grad
+            self.hidden_grads = [(w.grad, b.grad) for w, b in zip(critic.hidden_weights, critic.hidden_biases)]
+            self.first_weight_grad = critic.first_weight.grad.view(in_dim, n, width)
+            self.first_bias_grad = critic.first_bias.grad.view(n, width)
+
+
+class _ActorViews:
+    """A DeterministicActor's Linear layers as ``(weight, weight.t(), bias, weight grad,
+    bias grad)``, made once per block."""
+
+    def __init__(self, layers: list[nn.Linear], with_gradients: bool):
+        self.layers = [(layer.weight, layer.weight.t(), layer.bias,
+                        layer.weight.grad if with_gradients else None, layer.bias.grad if with_gradients else None)
+                       for layer in layers]
+
+
 class FusedTD3Update:
     """Runs TD3 updates on ``module``'s parameters with ``critic_optimizer`` and
     ``actor_optimizer`` (torch Adam), writing gradients by hand.
 
     ``tau`` is the Polyak coefficient. The caller folds the discount into the ``discounts``
     it passes to :meth:`target` and decides when to take an actor step (``policy_delay``).
+    ``totals`` (4 values) accumulates, per update, the critic loss, the mean Q, the actor
+    loss (at actor steps) and the mean target Q (per minibatch passed to :meth:`target`).
     """
 
     def __init__(self, module: nn.Module, critic_optimizer: torch.optim.Optimizer,
-                 actor_optimizer: torch.optim.Optimizer, *, tau: float):
+                 actor_optimizer: torch.optim.Optimizer, *, tau: float, totals: Tensor):
         if not supports(module):
             raise ValueError("FusedTD3Update needs RUDTorchRLModule's stock float32 networks")
         self.module = module
         self.critic_optimizer = critic_optimizer
         self.actor_optimizer = actor_optimizer
         self.tau = tau
+        self.totals = totals
+        self._critic_loss, self._q_mean, self._actor_loss, self._target_mean = totals.unbind()
         self.actor, actor_activation = _actor_layers(module.actor)
         self.target_actor, _ = _actor_layers(module.target_actor)
         self.actor_activate, self.actor_gradient = _ACTIVATE[actor_activation], _GRADIENT[actor_activation]
@@ -117,12 +160,17 @@ class FusedTD3Update:
         self.obs_dim = module.obs_dim
         self.online = [p for online, _ in module.get_target_network_pairs() for p in online.parameters()]
         self.targets = [p for _, target in module.get_target_network_pairs() for p in target.parameters()]
+        self._trained = [p for optimizer in (critic_optimizer, actor_optimizer)
+                         for group in optimizer.param_groups for p in group["params"]]
+        self._gradients: list[Tensor | None] = []
+        self._adam_steps: dict[int, list[tuple[dict, list[list[Tensor]], Tensor]] | None] = {}
 
     # ------------------------------------------------------------------ set-up per block
 
     def prepare(self) -> None:
         """Give every trained parameter a gradient tensor to write into and every optimizer
-        its Adam state (as ``torch.optim.Adam`` would create on its first step)."""
+        its Adam state (as ``torch.optim.Adam`` would create on its first step), then make
+        the views the updates read. Cheap when nothing changed since the last block."""
         for optimizer in (self.critic_optimizer, self.actor_optimizer):
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
@@ -137,139 +185,165 @@ class FusedTD3Update:
                         state["exp_avg_sq"] = torch.zeros_like(parameter)
                         if group["amsgrad"]:
                             state["max_exp_avg_sq"] = torch.zeros_like(parameter)
+        gradients = [p.grad for p in self._trained]
+        if len(gradients) != len(self._gradients) or any(g is not h for g, h in zip(gradients, self._gradients)):
+            module = self.module
+            self._critic = _CriticViews(module.critic, self.obs_dim, with_gradients=True)
+            self._target_critic = _CriticViews(module.target_critic, self.obs_dim, with_gradients=False)
+            self._actor = _ActorViews(self.actor, with_gradients=True)
+            self._target_actor = _ActorViews(self.target_actor, with_gradients=False)
+            self._gradients = gradients
+        for optimizer in (self.critic_optimizer, self.actor_optimizer):
+            self._adam_steps[id(optimizer)] = self._fused_adam_plan(optimizer)
 
     @staticmethod
-    def _adam(optimizer: torch.optim.Optimizer) -> None:
-        """One Adam step from the gradients in place: the fused kernel called directly
-        (what ``Adam(fused=True).step`` does without its per-call Python), else ``step``."""
+    def _fused_adam_plan(optimizer: torch.optim.Optimizer) -> list[tuple[dict, list[list[Tensor]], Tensor]] | None:
+        """Per parameter group, the fused Adam kernel's tensor lists and one tensor that
+        holds every parameter's step count (``state["step"]`` are views of it, so one
+        ``add_`` counts a step for all); None where ``Optimizer.step`` must run instead."""
+        plan = []
         for group in optimizer.param_groups:
             if not group.get("fused") or group["amsgrad"] or group.get("decoupled_weight_decay"):
-                optimizer.step()
-                return
-        for group in optimizer.param_groups:
+                return None
             params = group["params"]
             state = [optimizer.state[p] for p in params]
             steps = [s["step"] for s in state]
-            torch._foreach_add_(steps, 1)
+            counter = steps[0]._base if steps else None
+            if counter is None or any(step._base is not counter for step in steps) or counter.numel() != len(steps):
+                counter = torch.stack(steps)  # each parameter keeps its own count
+                for index, entry in enumerate(state):
+                    entry["step"] = counter[index]
+            lists = [params, [p.grad for p in params], [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
+                     [], [s["step"] for s in state]]
+            plan.append((group, lists, counter))
+        return plan
+
+    def _adam(self, optimizer: torch.optim.Optimizer) -> None:
+        """One Adam step from the gradients in place: the fused kernel called directly
+        (what ``Adam(fused=True).step`` does without its per-call Python), else ``step``."""
+        plan = self._adam_steps[id(optimizer)]
+        if plan is None:
+            optimizer.step()
+            return
+        for group, lists, counter in plan:
+            counter.add_(1)
             beta1, beta2 = group["betas"]
-            torch._fused_adam_(
-                params, [p.grad for p in params], [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
-                [], steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
-                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-            )
+            torch._fused_adam_(*lists, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
+                               weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
 
     # ------------------------------------------------------------------ forward passes
 
-    def _actor_forward(self, layers: list[nn.Linear], obs: Tensor) -> list[Tensor]:
+    def _actor_forward(self, actor: _ActorViews, obs: Tensor) -> list[Tensor]:
         """Every layer's output (after its activation); the last is the action in [-1, 1]."""
         outputs = []
         h = obs
-        for index, layer in enumerate(layers):
-            h = torch.addmm(layer.bias, h, layer.weight.t())
-            if index < len(layers) - 1:
+        last = len(actor.layers) - 1
+        for index, (_, weight_t, bias, _, _) in enumerate(actor.layers):
+            h = torch.addmm(bias, h, weight_t)
+            if index < last:
                 self.actor_activate(h)
             else:
                 h.tanh_()
             outputs.append(h)
         return outputs
 
-    def _critics_forward(self, critic: FusedCritics, obs: Tensor, action: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def _critics_forward(self, critic: _CriticViews, obs: Tensor, action: Tensor) -> tuple[Tensor, list[Tensor]]:
         """All critics' inputs to each layer, ``[x, h_1 .. h_L]`` (h as ``[n, batch, width]``),
         and their Q-values, ``[n, batch, 1]``."""
-        n, width = critic.num_critics, critic.hidden[0]
         x = torch.cat([obs, action], dim=1)
-        # the first layer straight into [n, batch, width] (a batched product over a shared x)
-        # rather than [batch, n * width] and a transposing copy
-        h = torch.baddbmm(critic.first_bias.view(n, 1, width), x.expand(n, *x.shape),
-                          critic.first_weight.view(x.shape[1], n, width).transpose(0, 1))
+        h = torch.baddbmm(critic.first_bias, x.expand(critic.n, *x.shape), critic.first_weight)
         self.critic_activate(h)
         inputs = [x, h]
-        for weight, bias in zip(critic.hidden_weights, critic.hidden_biases):
+        for weight, bias, _ in critic.hidden:
             h = torch.baddbmm(bias, h, weight)
             self.critic_activate(h)
             inputs.append(h)
-        q = torch.baddbmm(critic.head_bias.unsqueeze(-1), h, critic.head_weight.transpose(1, 2))
+        q = torch.baddbmm(critic.head_bias, h, critic.head_weight_t)
         return q, inputs
 
-    def _first_critic_forward(self, critic: FusedCritics, obs: Tensor, action: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def _first_critic_forward(self, critic: _CriticViews, obs: Tensor, action: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Q_1(s, a) as ``[batch, 1]`` and its hidden outputs ``[h_1 .. h_L]``."""
-        width = critic.hidden[0]
         x = torch.cat([obs, action], dim=1)
-        h = torch.addmm(critic.first_bias[:width], x, critic.first_weight[:, :width])
+        h = torch.addmm(critic.first_bias_1, x, critic.first_weight_1)
         self.critic_activate(h)
         hidden = [h]
-        for weight, bias in zip(critic.hidden_weights, critic.hidden_biases):
-            h = torch.addmm(bias[0, 0], h, weight[0])
+        for weight, bias, _ in critic.hidden_1:
+            h = torch.addmm(bias, h, weight)
             self.critic_activate(h)
             hidden.append(h)
-        return torch.addmm(critic.head_bias[0], h, critic.head_weight[0].t()), hidden
+        return torch.addmm(critic.head_bias_1, h, critic.head_weight_1_t), hidden
 
     # ------------------------------------------------------------------ one update
 
     @torch.no_grad()
-    def target(self, next_obs: Tensor, rewards: Tensor, discounts: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(y, min_i Q'_i)``, both ``[batch, 1]``; ``discounts`` is ``gamma (1 - terminated)``.
-        The rows may be several updates' minibatches stacked, as long as the target networks
-        do not change between those updates."""
-        next_action = self._actor_forward(self.target_actor, next_obs)[-1]
+    def target(self, next_obs: Tensor, rewards: Tensor, discounts: Tensor, noise: Tensor | None,
+               updates: int = 1) -> Tensor:
+        """``y`` as ``[batch, 1]``; ``discounts`` is ``gamma (1 - terminated)``. The rows may
+        be ``updates`` updates' minibatches stacked, as long as the target networks do not
+        change between those updates; each adds its mean target Q to the totals."""
+        next_action = self._actor_forward(self._target_actor, next_obs)[-1]
         if noise is not None:
             next_action.add_(noise).clamp_(-1.0, 1.0)
-        next_q, _ = self._critics_forward(self.module.target_critic, next_obs, next_action)
+        next_q, _ = self._critics_forward(self._target_critic, next_obs, next_action)
         next_q = next_q.amin(0)
-        return torch.addcmul(rewards, discounts, next_q), next_q
+        self._target_mean.add_(next_q.sum(), alpha=updates / next_q.shape[0])
+        return torch.addcmul(rewards, discounts, next_q)
 
     @torch.no_grad()
-    def critic_step(self, obs: Tensor, actions: Tensor, td_target: Tensor) -> tuple[Tensor, Tensor]:
-        """One gradient step of ``sum_i mean_b (Q_i(s, a) - y)^2``; returns (loss, mean Q)."""
-        critic = self.module.critic
+    def critic_step(self, obs: Tensor, actions: Tensor, td_target: Tensor) -> None:
+        """One gradient step of ``sum_i mean_b (Q_i(s, a) - y)^2``; adds the loss and the
+        mean Q to the totals."""
+        critic = self._critic
         q, inputs = self._critics_forward(critic, obs, actions)
         error = q - td_target
         batch = obs.shape[0]
-        loss = torch.vdot(error.view(-1), error.view(-1)) / batch
+        self._q_mean.add_(q.sum(), alpha=1.0 / q.numel())
+        self._critic_loss.add_(torch.vdot(error.view(-1), error.view(-1)), alpha=1.0 / batch)
         grad = error.mul_(2.0 / batch)  # dL/dQ_i, [n, batch, 1]
         # head: Q_i = h_L w_i + c_i
         h = inputs[-1]
-        torch.bmm(grad.transpose(1, 2), h, out=critic.head_weight.grad)
-        torch.sum(grad, 1, out=critic.head_bias.grad)
+        torch.bmm(grad.transpose(1, 2), h, out=critic.head_weight_grad)
+        torch.sum(grad, 1, out=critic.head_bias_grad)
         grad = self.critic_gradient(grad * critic.head_weight, h)
         # hidden layers, last to first: h_{k+1} = act(h_k W_k + b_k)
-        for k in range(len(critic.hidden_weights) - 1, -1, -1):
-            weight, h = critic.hidden_weights[k], inputs[k + 1]
-            torch.bmm(h.transpose(1, 2), grad, out=weight.grad)
-            torch.sum(grad, 1, keepdim=True, out=critic.hidden_biases[k].grad)
-            grad = self.critic_gradient(torch.bmm(grad, weight.transpose(1, 2)), h)
+        for k in range(len(critic.hidden) - 1, -1, -1):
+            _, _, weight_t = critic.hidden[k]
+            weight_grad, bias_grad = critic.hidden_grads[k]
+            h = inputs[k + 1]
+            torch.bmm(h.transpose(1, 2), grad, out=weight_grad)
+            torch.sum(grad, 1, keepdim=True, out=bias_grad)
+            grad = self.critic_gradient(torch.bmm(grad, weight_t), h)
         # first layer: all critics read x; critic i's columns are i * width .. (i + 1) * width
-        x, n, width = inputs[0], critic.num_critics, critic.hidden[0]
-        first_grad = torch.bmm(x.t().expand(n, *x.t().shape), grad)
-        critic.first_weight.grad.view(x.shape[1], n, width).copy_(first_grad.transpose(0, 1))
-        torch.sum(grad, 1, out=critic.first_bias.grad.view(n, width))
+        x = inputs[0]
+        x_t = x.t()
+        first_grad = torch.bmm(x_t.expand(critic.n, *x_t.shape), grad)
+        critic.first_weight_grad.copy_(first_grad.transpose(0, 1))
+        torch.sum(grad, 1, out=critic.first_bias_grad)
         self._adam(self.critic_optimizer)
-        return loss, q.mean()
 
     @torch.no_grad()
-    def actor_step(self, obs: Tensor) -> Tensor:
+    def actor_step(self, obs: Tensor) -> None:
         """One gradient step of ``-mean_b Q_1(s, mu(s))``, then the Polyak update of the
-        targets; returns the actor loss."""
-        critic = self.module.critic
-        outputs = self._actor_forward(self.actor, obs)
+        targets; adds the actor loss to the totals."""
+        critic, actor = self._critic, self._actor
+        outputs = self._actor_forward(actor, obs)
         action = outputs[-1]
         q, hidden = self._first_critic_forward(critic, obs, action)
-        loss = -q.mean()
         batch = obs.shape[0]
+        self._actor_loss.add_(q.sum(), alpha=-1.0 / batch)
         # dL/da through critic 1, none of whose weights change here
-        grad = self.critic_gradient((critic.head_weight[0] * (-1.0 / batch)).expand(batch, -1), hidden[-1])
-        for k in range(len(critic.hidden_weights) - 1, -1, -1):
-            grad = self.critic_gradient(grad @ critic.hidden_weights[k][0].t(), hidden[k])
-        grad = grad @ critic.first_weight[self.obs_dim:, : critic.hidden[0]].t()
+        grad = self.critic_gradient((critic.head_weight_1 * (-1.0 / batch)).expand(batch, -1), hidden[-1])
+        for k in range(len(critic.hidden_1) - 1, -1, -1):
+            grad = self.critic_gradient(grad @ critic.hidden_1[k][2], hidden[k])
+        grad = grad @ critic.action_weight_1_t
         # through the actor: the output layer's tanh, then each Linear and activation
         grad = _tanh_gradient(grad, action)
-        for k in range(len(self.actor) - 1, -1, -1):
-            layer = self.actor[k]
+        for k in range(len(actor.layers) - 1, -1, -1):
+            weight, _, _, weight_grad, bias_grad = actor.layers[k]
             layer_input = outputs[k - 1] if k > 0 else obs
-            torch.mm(grad.t(), layer_input, out=layer.weight.grad)
-            torch.sum(grad, 0, out=layer.bias.grad)
+            torch.mm(grad.t(), layer_input, out=weight_grad)
+            torch.sum(grad, 0, out=bias_grad)
             if k > 0:
-                grad = self.actor_gradient(grad @ layer.weight, layer_input)
+                grad = self.actor_gradient(grad @ weight, layer_input)
         self._adam(self.actor_optimizer)
         torch._foreach_lerp_(self.targets, self.online, self.tau)
-        return loss

@@ -157,13 +157,13 @@ class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
             return None
         return FusedTD3Update(
             module, self.get_optimizer(DEFAULT_MODULE_ID, CRITIC_OPTIMIZER),
-            self.get_optimizer(DEFAULT_MODULE_ID, ACTOR_OPTIMIZER), tau=self.config.tau,
+            self.get_optimizer(DEFAULT_MODULE_ID, ACTOR_OPTIMIZER), tau=self.config.tau, totals=self._totals,
         )
 
     def _fused_updates(self, module, indices: torch.Tensor, noise: torch.Tensor | None) -> None:
         """The updates by :class:`FusedTD3Update`; minibatches are gathered a chunk of
         updates at a time (one ``index_select`` per field per chunk)."""
-        fused, totals, delay = self._fused, self._totals, self.config.policy_delay
+        fused, delay = self._fused, self.config.policy_delay
         num_updates, batch_size = indices.shape
         fused.prepare()
         chunk = max(1, min(num_updates, self.GATHER_ROWS // batch_size))
@@ -184,18 +184,14 @@ class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
                 group = min(count - k, delay - self.critic_updates % delay)
                 rows_k = slice(k, k + group)
                 smoothing = None if noise is None else noise[first + k : first + k + group].reshape(-1, noise.shape[-1])
-                td_targets, next_q = fused.target(next_obs[rows_k].reshape(group * batch_size, -1),
-                                                  rewards[rows_k].reshape(-1, 1), discounts[rows_k].reshape(-1, 1),
-                                                  smoothing)
-                totals[3] += next_q.sum() / batch_size
-                td_targets = td_targets.view(group, batch_size, 1)
+                td_targets = fused.target(next_obs[rows_k].reshape(group * batch_size, -1),
+                                          rewards[rows_k].reshape(-1, 1), discounts[rows_k].reshape(-1, 1),
+                                          smoothing, group).view(group, batch_size, 1)
                 for j in range(k, k + group):
-                    critic_loss, q_mean = fused.critic_step(obs[j], actions[j], td_targets[j - k])
-                    totals[0] += critic_loss
-                    totals[1] += q_mean
+                    fused.critic_step(obs[j], actions[j], td_targets[j - k])
                     self.critic_updates += 1
                     if self.critic_updates % delay == 0:
-                        totals[2] += fused.actor_step(obs[j])
+                        fused.actor_step(obs[j])
                         self._actor_steps_since_reduce += 1
                         self.actor_updates += 1
                 k += group
