@@ -214,9 +214,11 @@ class FusedTD3Update:
             if not group.get("fused") or group["amsgrad"] or group.get("decoupled_weight_decay"):
                 return None
             params = group["params"]
+            if not params:
+                continue
             state = [optimizer.state[p] for p in params]
             steps = [s["step"] for s in state]
-            counter = steps[0]._base if steps else None
+            counter = steps[0]._base
             if counter is None or any(step._base is not counter for step in steps) or counter.numel() != len(steps):
                 counter = torch.stack(steps)  # each parameter keeps its own count
                 for index, entry in enumerate(state):
