@@ -158,7 +158,6 @@ class FusedTD3Update:
         self.critic_optimizer = critic_optimizer
         self.actor_optimizer = actor_optimizer
         self.tau = tau
-        self.totals = totals
         self._critic_loss, self._q_mean, self._actor_loss, self._target_mean = totals.unbind()
         self.actor, actor_activation = _actor_layers(module.actor)
         self.target_actor, _ = _actor_layers(module.target_actor)
@@ -171,7 +170,7 @@ class FusedTD3Update:
         self._trained = [p for optimizer in (critic_optimizer, actor_optimizer)
                          for group in optimizer.param_groups for p in group["params"]]
         self._gradients: list[Tensor | None] = []
-        self._adam_steps: dict[int, list[tuple[dict, list[list[Tensor]], Tensor]] | None] = {}
+        self._adam_plans: dict[torch.optim.Optimizer, list[tuple[dict, list[list[Tensor]], Tensor]] | None] = {}
 
     # ------------------------------------------------------------------ set-up per block
 
@@ -202,7 +201,7 @@ class FusedTD3Update:
             self._target_actor = _ActorViews(self.target_actor, with_gradients=False)
             self._gradients = gradients
         for optimizer in (self.critic_optimizer, self.actor_optimizer):
-            self._adam_steps[id(optimizer)] = self._fused_adam_plan(optimizer)
+            self._adam_plans[optimizer] = self._fused_adam_plan(optimizer)
 
     @staticmethod
     def _fused_adam_plan(optimizer: torch.optim.Optimizer) -> list[tuple[dict, list[list[Tensor]], Tensor]] | None:
@@ -231,7 +230,7 @@ class FusedTD3Update:
     def _adam(self, optimizer: torch.optim.Optimizer) -> None:
         """One Adam step from the gradients in place: the fused kernel called directly
         (what ``Adam(fused=True).step`` does without its per-call Python), else ``step``."""
-        plan = self._adam_steps[id(optimizer)]
+        plan = self._adam_plans[optimizer]
         if plan is None:
             optimizer.step()
             return
