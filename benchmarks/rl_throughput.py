@@ -27,7 +27,9 @@ after a warm-up that fills the replay buffer:
   through autograd (``fused_updates=False``), and SB3's ``TD3.train``, all on the same 5,000
   HalfCheetah-v5 transitions from random actions. ``--only rud-updates-bf16`` adds the
   autograd loop under bfloat16 autocast (matrix multiplies in bf16), which raysmith does not
-  use for learning (its effect on learning is not measured).
+  use for learning (its effect on learning is not measured). ``--only rud-updates-ray`` adds
+  the Learner loop with a local Ray started in its process, as it is inside ``algo.train()``:
+  what Ray's own processes and threads cost the loop on a small machine.
 
 ``--device cuda`` runs raysmith's Learner on the GPU (``num_gpus_per_learner=1``) and SB3
 with ``device="cuda"``, for the ``td3`` and ``updates`` suites; sampling stays on the CPU
@@ -221,7 +223,12 @@ def measure_updates(name: str, env_id: str, updates: int, device: str = "cpu") -
 
     from agents.rud import TD3Config
 
-    fused = name == "rud-updates"
+    fused = name in ("rud-updates", "rud-updates-ray")
+    if name == "rud-updates-ray":  # as measure_raysmith starts it
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+        time.sleep(5)  # let its processes settle
     config = (TD3Config().environment(env_id).training(train_batch_size_per_learner=BATCH, fused_updates=fused)
               .rl_module(model_config={"actor_hidden": [HIDDEN, HIDDEN], "critic_hidden": [HIDDEN, HIDDEN]})
               .learners(num_gpus_per_learner=1 if device == "cuda" else 0))
@@ -235,7 +242,10 @@ def measure_updates(name: str, env_id: str, updates: int, device: str = "cpu") -
         start = time.perf_counter()
         learner._updates(module, updates)
         synchronize(device)
-    return {"updates_per_s": updates / (time.perf_counter() - start), "updates": updates}
+    elapsed = time.perf_counter() - start
+    if name == "rud-updates-ray":
+        ray.shutdown()
+    return {"updates_per_s": updates / elapsed, "updates": updates}
 
 
 def synchronize(device: str) -> None:
@@ -293,6 +303,7 @@ LABELS = {"rud": "raysmith RUD (update_interval 1000)", "td3": "raysmith TD3", "
           "nrowan": "raysmith NROWAN-DQN", "dqn": "raysmith DQN", "sb3dqn": "Stable-Baselines3 DQN",
           "rud-updates": "raysmith TD3/RUD Learner loop", "rud-updates-autograd": "same through autograd",
           "rud-updates-bf16": "autograd, bf16 autocast (not used)",
+          "rud-updates-ray": "Learner loop, local Ray running",
           "sb3-updates": "Stable-Baselines3 TD3.train", "rllib-sample": "RLlib SingleAgentEnvRunner.sample",
           "collect": "raysmith TransitionEnvRunner.collect"}
 SUITES = {
@@ -326,7 +337,7 @@ def main() -> None:
 
     if args.worker:
         measure = {"sb3": measure_sb3, "sb3dqn": measure_sb3_dqn}.get(args.worker)
-        if args.worker in (*SUITES["updates"]["only"].split(","), "rud-updates-bf16"):
+        if args.worker in (*SUITES["updates"]["only"].split(","), "rud-updates-bf16", "rud-updates-ray"):
             result = measure_updates(args.worker, args.env, args.steps, args.device)
         elif args.worker in SUITES["sampling"]["only"].split(","):
             result = measure_sampling(args.worker, args.env, args.warmup, args.steps)
