@@ -136,6 +136,7 @@ def sb3_td3(task: str, seed: int, args: argparse.Namespace) -> None:
     from stable_baselines3 import TD3
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.noise import NormalActionNoise
 
     spec = yaml.safe_load((ROOT / "pipelines" / "configs" / f"td3_{task}.yaml").read_text())
@@ -159,6 +160,7 @@ def sb3_td3(task: str, seed: int, args: argparse.Namespace) -> None:
         target_noise_clip=training["target_noise_clip"], policy_kwargs={"net_arch": list(model_config["actor_hidden"])},
         seed=seed, device="cpu", verbose=0,
     )
+    model.set_logger(Logger(folder=None, output_formats=[]))  # else an empty /tmp/SB3-<date> folder per run
 
     def evaluate(step: int) -> None:
         mean, _ = evaluate_policy(model, evaluation_env, n_eval_episodes=args.eval_episodes, deterministic=True)

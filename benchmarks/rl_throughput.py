@@ -138,15 +138,24 @@ def timed(function, spent: dict, key: str, device: str = "cpu"):
     return wrapper
 
 
+def quiet(model):
+    """``model`` with a logger that writes nothing: left to itself, SB3 makes an empty
+    ``SB3-<date>`` folder in the temporary directory for every model it trains."""
+    from stable_baselines3.common.logger import Logger
+
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
+
+
 def measure_sb3_dqn(env: str, warmup: int, steps: int, device: str = "cpu") -> dict:
     import gymnasium as gym
     from stable_baselines3 import DQN
 
-    model = DQN(
+    model = quiet(DQN(
         "MlpPolicy", gym.make(env), learning_rate=1e-4, buffer_size=10_000, learning_starts=32, batch_size=32,
         train_freq=1, gradient_steps=1, target_update_interval=1000, gamma=0.99,
         policy_kwargs={"net_arch": [128, 128]}, seed=0, device=device, verbose=0,
-    )
+    ))
     model.learn(warmup)
     start = time.perf_counter()
     model.learn(steps, reset_num_timesteps=False)
@@ -161,12 +170,12 @@ def measure_sb3(env: str, warmup: int, steps: int, device: str = "cpu") -> dict:
 
     environment = gym.make(env)
     n = environment.action_space.shape[0]
-    model = TD3(
+    model = quiet(TD3(
         "MlpPolicy", environment, learning_starts=warmup, batch_size=BATCH, train_freq=1, gradient_steps=1,
         policy_delay=2, target_policy_noise=0.2, target_noise_clip=0.5,
         action_noise=NormalActionNoise(np.zeros(n), np.full(n, 0.1)),  # added in SB3's [-1, 1] action scale
         policy_kwargs={"net_arch": [HIDDEN, HIDDEN]}, seed=0, device=device, verbose=0,
-    )
+    ))
     model.learn(warmup + 1000)
     start = time.perf_counter()
     model.learn(steps, reset_num_timesteps=False)
@@ -206,7 +215,7 @@ def measure_updates(name: str, env_id: str, updates: int, device: str = "cpu") -
         model = TD3("MlpPolicy", gym.make(env_id), learning_starts=0, batch_size=BATCH, policy_delay=2,
                     target_policy_noise=0.2, target_noise_clip=0.5, policy_kwargs={"net_arch": [HIDDEN, HIDDEN]},
                     seed=0, device=device, verbose=0)
-        model.learn(1)  # sets up the logger and progress SB3's train() reads
+        quiet(model).learn(1)  # sets up the progress SB3's train() reads
         buffer = model.replay_buffer
         for index in range(len(transitions["rewards"])):
             buffer.add(transitions["obs"][index], transitions["next_obs"][index], transitions["actions"][index],
