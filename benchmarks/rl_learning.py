@@ -136,8 +136,9 @@ def sb3_td3(task: str, seed: int, args: argparse.Namespace) -> None:
     from stable_baselines3 import TD3
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.evaluation import evaluate_policy
-    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.noise import NormalActionNoise
+
+    from rl_throughput import quiet  # the script's own folder is on sys.path
 
     spec = yaml.safe_load((ROOT / "pipelines" / "configs" / f"td3_{task}.yaml").read_text())
     training, model_config = spec["training"], spec["model"]
@@ -152,15 +153,14 @@ def sb3_td3(task: str, seed: int, args: argparse.Namespace) -> None:
     # raysmith does, so the spec's sigma is passed unchanged whatever the env's bounds
     shape = env.action_space.shape
     noise = NormalActionNoise(np.zeros(shape), np.full(shape, training["exploration_noise"]))
-    model = TD3(
+    model = quiet(TD3(
         "MlpPolicy", env, learning_rate=training["actor_lr"], buffer_size=training["replay_capacity"],
         learning_starts=training["learning_starts"], batch_size=training["train_batch_size_per_learner"],
         tau=training["tau"], gamma=training["gamma"], train_freq=1, gradient_steps=1, action_noise=noise,
         policy_delay=training["policy_delay"], target_policy_noise=training["target_noise"],
         target_noise_clip=training["target_noise_clip"], policy_kwargs={"net_arch": list(model_config["actor_hidden"])},
         seed=seed, device="cpu", verbose=0,
-    )
-    model.set_logger(Logger(folder=None, output_formats=[]))  # else an empty /tmp/SB3-<date> folder per run
+    ))
 
     def evaluate(step: int) -> None:
         mean, _ = evaluate_policy(model, evaluation_env, n_eval_episodes=args.eval_episodes, deterministic=True)

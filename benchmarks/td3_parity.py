@@ -22,7 +22,7 @@ import sys
 
 import gymnasium as gym
 import torch
-from rl_throughput import random_transitions  # the script's own folder is on sys.path
+from rl_throughput import quiet, random_transitions  # the script's own folder is on sys.path
 
 ENV = "Hopper-v5"
 BATCH = 256
@@ -66,7 +66,6 @@ def main() -> None:
 
     from ray.rllib.core import DEFAULT_MODULE_ID
     from stable_baselines3 import TD3
-    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.type_aliases import ReplayBufferSamples
 
     from agents.rud import TD3Config
@@ -88,8 +87,7 @@ def main() -> None:
     model = TD3("MlpPolicy", gym.make(ENV), learning_rate=3e-4, batch_size=BATCH, tau=0.005, gamma=0.99,
                 policy_delay=args.policy_delay, target_policy_noise=0.0, learning_starts=0,
                 policy_kwargs={"net_arch": [256, 256]}, seed=0, device="cpu", verbose=0)
-    model.set_logger(Logger(folder=None, output_formats=[]))  # else an empty /tmp/SB3-<date> folder
-    model.learn(1)  # sets up SB3's progress; its one update is undone by the copies below
+    quiet(model).learn(1)  # sets up SB3's progress; its one update is undone by the copies below
     model._n_updates = 0
     copy_linears(module.actor, model.actor.mu)
     copy_linears(module.target_actor, model.actor_target.mu)
