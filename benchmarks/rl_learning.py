@@ -23,7 +23,9 @@ per second out of 2 cores than one run with two threads (sampling is single-thre
 Two more kinds of row: ``sb3-td3`` is Stable-Baselines3's TD3 with the TD3 spec's
 hyperparameters, evaluated the same way (the peer users would pick, as a check that a
 task's figures are what a standard implementation reaches at this budget), and
-``rud:N`` is RUD with ``update_interval`` N instead of the spec's 1000:
+``rud:N`` is RUD with ``update_interval`` N instead of the spec's 1000; a raysmith token
+ending in ``+bf16`` (``rud+bf16``, ``td3+bf16``, ``rud:250+bf16``) runs with
+``hidden_matmul_precision: bfloat16``:
 
     python benchmarks/rl_learning.py --tasks hopper --algorithms sb3-td3 rud:250 --seeds 0 1 2
 """
@@ -49,15 +51,22 @@ EXPERIMENT = "rl-learning"
 SB3 = "sb3-td3"
 
 
+BF16 = "+bf16"
+
+
 def parse_algorithm(token: str) -> tuple[str, int | None]:
-    """``rud``, ``td3``, ``ddpg``, ``sb3-td3`` or ``rud:N`` (RUD with update_interval N)."""
+    """``rud``, ``td3``, ``ddpg``, ``sb3-td3`` or ``rud:N`` (RUD with update_interval N); raysmith's
+    may end in ``+bf16`` (``hidden_matmul_precision: bfloat16``)."""
+    if token.endswith(BF16) and not token.startswith(SB3):
+        token = token.removesuffix(BF16)
     name, _, interval = token.partition(":")
     if name in (*ALGORITHMS, SB3) and not interval:
         return name, None
     if name == "rud" and interval.isdigit() and int(interval) > 0:
         return name, int(interval)
     raise argparse.ArgumentTypeError(f"unknown algorithm {token!r}: allowed are {', '.join(ALGORITHMS)}, {SB3} "
-                                     "and rud:N (RUD with update_interval N, a positive integer)")
+                                     "and rud:N (RUD with update_interval N, a positive integer); raysmith's may "
+                                     f"end in {BF16} (bfloat16 hidden products)")
 
 
 def algorithm_token(token: str) -> str:
@@ -67,11 +76,12 @@ def algorithm_token(token: str) -> str:
 
 def label(token: str) -> str:
     name, interval = parse_algorithm(token)
-    return f"RUD (update_interval {interval})" if interval else "SB3 TD3" if name == SB3 else name.upper()
+    text = f"RUD (update_interval {interval})" if interval else "SB3 TD3" if name == SB3 else name.upper()
+    return f"{text}, bfloat16 hidden products" if token.endswith(BF16) else text
 
 
 def run_name(algorithm: str, task: str, seed: int, steps: int) -> str:
-    return f"bench-{algorithm.replace(':', '')}-{task}-s{seed}-{steps // 1000}k"
+    return f"bench-{algorithm.replace(':', '').replace('+', '-')}-{task}-s{seed}-{steps // 1000}k"
 
 
 def finished_runs(uri: str) -> dict[str, str]:
@@ -107,6 +117,8 @@ def launch(algorithm: str, task: str, seed: int, args: argparse.Namespace, threa
     }
     if interval:
         overrides["training.update_interval"] = interval
+    if algorithm.endswith(BF16):
+        overrides["training.hidden_matmul_precision"] = "bfloat16"
     command = [sys.executable, "-m", "pipelines", "run", str(spec)]
     for key, value in overrides.items():
         command += ["--set", f"{key}={value}"]
@@ -326,7 +338,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["halfcheetah", "hopper"],
                         choices=["halfcheetah", "hopper", "walker2d", "ant"])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), type=algorithm_token,
-                        help="rud, td3, ddpg, sb3-td3 (Stable-Baselines3's TD3), rud:N (update_interval N)")
+                        help="rud, td3, ddpg, sb3-td3 (Stable-Baselines3's TD3), rud:N (update_interval N); "
+                             "raysmith's with a +bf16 suffix: bfloat16 hidden products")
     parser.add_argument("--eval-every", type=int, default=10_000)
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--parallel", type=int, default=2)

@@ -4,7 +4,9 @@ Two suites, each measured in one run on this machine, every algorithm in its own
 after a warm-up that fills the replay buffer:
 
 - ``td3`` (default): raysmith RUD and TD3 vs SB3 TD3 on HalfCheetah-v5: same network
-  (256-256), batch (256) and update rule. Also prints the ceiling that this machine's matrix
+  (256-256), batch (256) and update rule. ``rud-bf16`` is RUD with
+  ``hidden_matmul_precision="bfloat16"`` (the hidden layers' products through oneDNN's
+  bfloat16 kernels, everything else float32); ``--only td3-bf16`` adds TD3 so. Also prints the ceiling that this machine's matrix
   multiply speed sets (one TD3 update is a fixed amount of arithmetic), and for raysmith's
   rows where each env step's time went: sampling (``collect``), learning (the Learner's
   ``learn_block``, until the GPU has finished) and everything else in ``train()``.
@@ -24,7 +26,8 @@ after a warm-up that fills the replay buffer:
   raysmith's ``TransitionEnvRunner.collect`` (what RUD, TD3 and DDPG use for their blocks).
 - ``updates``: the gradient-update loops alone, no environment: raysmith's TD3/RUD Learner
   (``learn_block``'s loop, hand-written gradients as it learns by default), the same Learner
-  through autograd (``fused_updates=False``), and SB3's ``TD3.train``, all on the same 5,000
+  through autograd (``fused_updates=False``), the Learner loop with bfloat16 hidden
+  products (``rud-updates-bf16-hidden``), and SB3's ``TD3.train``, all on the same 5,000
   HalfCheetah-v5 transitions from random actions. ``--only rud-updates-bf16`` adds the
   autograd loop under bfloat16 autocast (matrix multiplies in bf16), which raysmith does not
   use for learning (its effect on learning is not measured). ``--only rud-updates-ray`` adds
@@ -89,10 +92,12 @@ def measure_raysmith(algorithm: str, env: str, warmup: int, steps: int, device: 
     from agents.rud import RUDConfig, TD3Config
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    algorithm, bf16 = algorithm.removesuffix("-bf16"), algorithm.endswith("-bf16")
     if algorithm in ("rud", "td3"):
         config = (
             {"rud": RUDConfig, "td3": TD3Config}[algorithm]()
-            .training(learning_starts=warmup, train_batch_size_per_learner=BATCH)
+            .training(learning_starts=warmup, train_batch_size_per_learner=BATCH,
+                      hidden_matmul_precision="bfloat16" if bf16 else "float32")
             .rl_module(model_config={"actor_hidden": [HIDDEN, HIDDEN], "critic_hidden": [HIDDEN, HIDDEN]})
             .learners(num_gpus_per_learner=1 if device == "cuda" else 0)
         )
@@ -232,13 +237,15 @@ def measure_updates(name: str, env_id: str, updates: int, device: str = "cpu") -
 
     from agents.rud import TD3Config
 
-    fused = name in ("rud-updates", "rud-updates-ray")
+    fused = name in ("rud-updates", "rud-updates-ray", "rud-updates-bf16-hidden")
     if name == "rud-updates-ray":  # as measure_raysmith starts it
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
         time.sleep(5)  # let its processes settle
-    config = (TD3Config().environment(env_id).training(train_batch_size_per_learner=BATCH, fused_updates=fused)
+    hidden = "bfloat16" if name == "rud-updates-bf16-hidden" else "float32"
+    config = (TD3Config().environment(env_id)
+              .training(train_batch_size_per_learner=BATCH, fused_updates=fused, hidden_matmul_precision=hidden)
               .rl_module(model_config={"actor_hidden": [HIDDEN, HIDDEN], "critic_hidden": [HIDDEN, HIDDEN]})
               .learners(num_gpus_per_learner=1 if device == "cuda" else 0))
     learner = config.build_learner(env=gym.make(env_id))
@@ -312,13 +319,15 @@ LABELS = {"rud": "raysmith RUD (update_interval 1000)", "td3": "raysmith TD3", "
           "nrowan": "raysmith NROWAN-DQN", "dqn": "raysmith DQN", "sb3dqn": "Stable-Baselines3 DQN",
           "rud-updates": "raysmith TD3/RUD Learner loop", "rud-updates-autograd": "same through autograd",
           "rud-updates-bf16": "autograd, bf16 autocast (not used)",
+          "rud-bf16": "raysmith RUD, bfloat16 hidden products", "td3-bf16": "raysmith TD3, bfloat16 hidden products",
+          "rud-updates-bf16-hidden": "Learner loop, bfloat16 hidden products",
           "rud-updates-ray": "Learner loop, local Ray running",
           "sb3-updates": "Stable-Baselines3 TD3.train", "rllib-sample": "RLlib SingleAgentEnvRunner.sample",
           "collect": "raysmith TransitionEnvRunner.collect"}
 SUITES = {
-    "td3": {"env": "HalfCheetah-v5", "warmup": 2000, "steps": 5000, "only": "rud,td3,sb3", "peer": "sb3"},
+    "td3": {"env": "HalfCheetah-v5", "warmup": 2000, "steps": 5000, "only": "rud,rud-bf16,td3,sb3", "peer": "sb3"},
     "dqn": {"env": "CartPole-v0", "warmup": 1000, "steps": 10000, "only": "nrowan,dqn,sb3dqn", "peer": "sb3dqn"},
-    "updates": {"env": "HalfCheetah-v5", "warmup": 0, "steps": 2000, "only": "rud-updates,rud-updates-autograd,sb3-updates",
+    "updates": {"env": "HalfCheetah-v5", "warmup": 0, "steps": 2000, "only": "rud-updates,rud-updates-bf16-hidden,rud-updates-autograd,sb3-updates",
                 "peer": "sb3-updates"},
     "sampling": {"env": "HalfCheetah-v5", "warmup": 1000, "steps": 5000, "only": "rllib-sample,collect",
                  "peer": "rllib-sample"},

@@ -26,6 +26,14 @@ and one step-count tensor per parameter group whose elements are the parameters'
 from a checkpoint gets its own at the next block). Metrics are summed in place into the
 caller's ``totals``.
 
+With ``hidden_precision="bfloat16"`` (CPU only) the products between hidden layers, the
+``width x width`` ones that hold ~90 % of the arithmetic (forward passes, the backward
+pass's weight and input gradients), round their operands to bfloat16 and sum in float32
+(oneDNN's ``bf16`` float32 precision: AMX or AVX-512 BF16 kernels). Every tensor kept
+(weights, Adam state, activations, gradients) and every other product (the first layers'
+thin ones, the Q and action heads) stays float32. oneDNN's setting is process-wide, so it
+is switched on around those products only and put back after each (:meth:`restore_precision`).
+
 It applies to :class:`~agents.rud.rud_rl_module.RUDTorchRLModule`'s own networks
 (:func:`supports`); a module with other networks learns through autograd. Fused Adam is
 called directly, so optimizer step hooks do not run (AMSGrad, AdamW and unfused
@@ -42,6 +50,13 @@ from torch import nn
 from agents.common.networks import DeterministicActor, FusedCritics
 
 Tensor = torch.Tensor
+
+# oneDNN's float32 matmul setting: "none" or "ieee" (float32 throughout), "bf16" (operands rounded
+# to bfloat16, sums in float32), ...; process-wide: the update sets it around the hidden products only
+_ONEDNN_MATMUL = torch.backends.mkldnn.matmul
+
+HIDDEN_PRECISIONS = {"float32": None, "bfloat16": "bf16"}
+"""``hidden_matmul_precision`` values and the oneDNN setting each runs the hidden products with."""
 
 # Each activation in place, and its derivative applied to an upstream gradient, written in
 # terms of the activation's output (which is all the backward pass keeps).
@@ -148,12 +163,22 @@ class FusedTD3Update:
     it passes to :meth:`target` and decides when to take an actor step (``policy_delay``).
     ``totals`` (4 values) accumulates, per update, the critic loss, the mean Q, the actor
     loss (at actor steps) and the mean target Q (per minibatch passed to :meth:`target`).
+    ``hidden_precision`` is ``"float32"`` or ``"bfloat16"`` (the hidden-layer products on
+    the CPU; module docstring).
     """
 
     def __init__(self, module: nn.Module, critic_optimizer: torch.optim.Optimizer,
-                 actor_optimizer: torch.optim.Optimizer, *, tau: float, totals: Tensor):
+                 actor_optimizer: torch.optim.Optimizer, *, tau: float, totals: Tensor,
+                 hidden_precision: str = "float32"):
         if not supports(module):
             raise ValueError("FusedTD3Update needs RUDTorchRLModule's stock float32 networks")
+        if hidden_precision not in HIDDEN_PRECISIONS:
+            raise ValueError(f"hidden_precision must be one of {sorted(HIDDEN_PRECISIONS)}, got {hidden_precision!r}")
+        device = next(module.parameters()).device
+        if HIDDEN_PRECISIONS[hidden_precision] is not None and device.type != "cpu":
+            raise ValueError(f"hidden_precision={hidden_precision!r} applies to CPU Learners; this module is on {device}")
+        self._reduced_precision = HIDDEN_PRECISIONS[hidden_precision]
+        self._outer_precision = _ONEDNN_MATMUL.fp32_precision
         self.module = module
         self.critic_optimizer = critic_optimizer
         self.actor_optimizer = actor_optimizer
@@ -202,6 +227,17 @@ class FusedTD3Update:
             self._gradients = gradients
         for optimizer in (self.critic_optimizer, self.actor_optimizer):
             self._adam_plans[optimizer] = self._fused_adam_plan(optimizer)
+        self._outer_precision = _ONEDNN_MATMUL.fp32_precision
+
+    def _hidden_products(self) -> None:
+        """The products from here on are hidden-layer ones: the reduced precision, if any."""
+        if self._reduced_precision is not None:
+            _ONEDNN_MATMUL.fp32_precision = self._reduced_precision
+
+    def restore_precision(self) -> None:
+        """Products from here on in the process's own precision (as found at :meth:`prepare`)."""
+        if self._reduced_precision is not None:
+            _ONEDNN_MATMUL.fp32_precision = self._outer_precision
 
     @staticmethod
     def _fused_adam_plan(optimizer: torch.optim.Optimizer) -> list[tuple[dict, list[list[Tensor]], Tensor]] | None:
@@ -248,7 +284,12 @@ class FusedTD3Update:
         h = obs
         last = len(actor.layers) - 1
         for index, (_, weight_t, bias, _, _) in enumerate(actor.layers):
-            h = torch.addmm(bias, h, weight_t)
+            if 0 < index < last:
+                self._hidden_products()
+                h = torch.addmm(bias, h, weight_t)
+                self.restore_precision()
+            else:
+                h = torch.addmm(bias, h, weight_t)
             if index < last:
                 self.actor_activate(h)
             else:
@@ -263,10 +304,12 @@ class FusedTD3Update:
         h = torch.baddbmm(critic.first_bias, x.expand(critic.n, *x.shape), critic.first_weight)
         self.critic_activate(h)
         inputs = [x, h]
+        self._hidden_products()
         for weight, bias, _ in critic.hidden:
             h = torch.baddbmm(bias, h, weight)
             self.critic_activate(h)
             inputs.append(h)
+        self.restore_precision()
         q = torch.baddbmm(critic.head_bias, h, critic.head_weight_t)
         return q, inputs
 
@@ -276,10 +319,12 @@ class FusedTD3Update:
         h = torch.addmm(critic.first_bias_1, x, critic.first_weight_1)
         self.critic_activate(h)
         hidden = [h]
+        self._hidden_products()
         for weight, bias, _ in critic.hidden_1:
             h = torch.addmm(bias, h, weight)
             self.critic_activate(h)
             hidden.append(h)
+        self.restore_precision()
         return torch.addmm(critic.head_bias_1, h, critic.head_weight_1_t), hidden
 
     # ------------------------------------------------------------------ one update
@@ -315,6 +360,7 @@ class FusedTD3Update:
         torch.sum(grad, 1, out=critic.head_bias_grad)
         grad = self.critic_gradient(grad * critic.head_weight, h)
         # hidden layers, last to first: h_{k+1} = act(h_k W_k + b_k)
+        self._hidden_products()
         for k in range(len(critic.hidden) - 1, -1, -1):
             _, _, weight_t = critic.hidden[k]
             weight_grad, bias_grad = critic.hidden_grads[k]
@@ -322,6 +368,7 @@ class FusedTD3Update:
             torch.bmm(h.transpose(1, 2), grad, out=weight_grad)
             torch.sum(grad, 1, keepdim=True, out=bias_grad)
             grad = self.critic_gradient(torch.bmm(grad, weight_t), h)
+        self.restore_precision()
         # first layer: all critics read x; critic i's columns are i * width .. (i + 1) * width
         x = inputs[0]
         x_t = x.t()
@@ -342,17 +389,24 @@ class FusedTD3Update:
         self._actor_loss.add_(q.sum(), alpha=-1.0 / batch)
         # dL/da through critic 1, none of whose weights change here
         grad = self.critic_gradient((critic.head_weight_1 * (-1.0 / batch)).expand(batch, -1), hidden[-1])
+        self._hidden_products()
         for k in range(len(critic.hidden_1) - 1, -1, -1):
             grad = self.critic_gradient(grad @ critic.hidden_1[k][2], hidden[k])
+        self.restore_precision()
         grad = grad @ critic.action_weight_1_t
         # through the actor: the output layer's tanh, then each Linear and activation
         grad = _tanh_gradient(grad, action)
-        for k in range(len(actor.layers) - 1, -1, -1):
+        last = len(actor.layers) - 1
+        for k in range(last, -1, -1):
             weight, _, _, weight_grad, bias_grad = actor.layers[k]
             layer_input = outputs[k - 1] if k > 0 else obs
+            if 0 < k < last:
+                self._hidden_products()
             torch.mm(grad.t(), layer_input, out=weight_grad)
             torch.sum(grad, 0, out=bias_grad)
             if k > 0:
                 grad = self.actor_gradient(grad @ weight, layer_input)
+            if 0 < k < last:
+                self.restore_precision()
         self._adam(self.actor_optimizer)
         torch._foreach_lerp_(self.targets, self.online, self.tau)

@@ -15,6 +15,7 @@ Metrics are summed as tensors and reported once per iteration
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import numpy as np
@@ -30,6 +31,8 @@ from agents.common.off_policy import ReplayLearnerStateMixin
 from agents.common.replay import TransitionBuffer
 from agents.rud.fused_update import FusedTD3Update, supports
 from agents.rud.rud_rl_module import NEXT_OBS, Q_TARGET, Q_VALUES, SMOOTHING_NOISE
+
+logger = logging.getLogger(__name__)
 
 TD_TARGET = "td_target"
 CRITIC_OPTIMIZER = "critic"
@@ -153,19 +156,34 @@ class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
             self._autograd_updates(module, indices, noise)
 
     def _build_fused(self, module) -> FusedTD3Update | None:
+        precision = self.config.hidden_matmul_precision
         if not (self.config.fused_updates and supports(module)):
+            if precision != "float32":
+                logger.warning("hidden_matmul_precision=%r applies to the hand-written update of the stock "
+                               "networks; this module learns through autograd in float32", precision)
             return None
+        if precision == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            logger.warning("hidden_matmul_precision='bfloat16': this CPU has no bfloat16 instructions "
+                           "(AVX-512 BF16 or AMX) that oneDNN uses, so the products stay float32")
         return FusedTD3Update(
             module, self.get_optimizer(DEFAULT_MODULE_ID, CRITIC_OPTIMIZER),
             self.get_optimizer(DEFAULT_MODULE_ID, ACTOR_OPTIMIZER), tau=self.config.tau, totals=self._totals,
+            hidden_precision=self.config.hidden_matmul_precision,
         )
 
     def _fused_updates(self, module, indices: torch.Tensor, noise: torch.Tensor | None) -> None:
         """The updates by :class:`FusedTD3Update`; minibatches are gathered a chunk of
         updates at a time (one ``index_select`` per field per chunk)."""
+        fused = self._fused
+        fused.prepare()
+        try:
+            self._fused_chunks(module, indices, noise)
+        finally:
+            fused.restore_precision()  # even when an update fails half-way through a product
+
+    def _fused_chunks(self, module, indices: torch.Tensor, noise: torch.Tensor | None) -> None:
         fused, delay = self._fused, self.config.policy_delay
         num_updates, batch_size = indices.shape
-        fused.prepare()
         chunk = max(1, min(num_updates, self.GATHER_ROWS // batch_size))
         for first in range(0, num_updates, chunk):
             rows = indices[first : first + chunk]
