@@ -322,7 +322,7 @@ def test_fused_updates_equal_autograd_updates(preset, model, training, device, m
 
 
 BF16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                          reason="this CPU has no bfloat16 instructions for oneDNN (AVX-512 BF16 or AMX)")
+                          reason="oneDNN has no bfloat16 path on this CPU")
 
 
 def precision_learners(width=256):
@@ -345,7 +345,7 @@ def precision_learners(width=256):
 
 
 @BF16
-def test_bfloat16_hidden_products_round_only_the_hidden_layers():
+def test_bfloat16_hidden_products_stay_a_rounding_of_float32():
     """hidden_matmul_precision='bfloat16' takes effect and stays a rounding: after 16 updates
     from the same weights on the same minibatches, hidden, first-layer and head weights
     differ from the float32 Learner's, by less than a quarter of how far the updates moved

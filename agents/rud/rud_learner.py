@@ -163,8 +163,8 @@ class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
                                "networks; this module learns through autograd in float32", precision)
             return None
         if precision == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            logger.warning("hidden_matmul_precision='bfloat16': this CPU has no bfloat16 instructions "
-                           "(AVX-512 BF16 or AMX) that oneDNN uses, so the products stay float32")
+            logger.warning("hidden_matmul_precision='bfloat16': oneDNN has no bfloat16 path on this CPU "
+                           "(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False), so the products stay float32")
         return FusedTD3Update(
             module, self.get_optimizer(DEFAULT_MODULE_ID, CRITIC_OPTIMIZER),
             self.get_optimizer(DEFAULT_MODULE_ID, ACTOR_OPTIMIZER), tau=self.config.tau, totals=self._totals,
