@@ -352,6 +352,8 @@ def main() -> None:
     for name in ("env", "warmup", "steps", "only"):
         if getattr(args, name) is None:
             setattr(args, name, suite[name])
+            if name == "only" and args.device == "cuda":  # bfloat16 hidden products are a CPU setting
+                args.only = ",".join(n for n in args.only.split(",") if "bf16" not in n)
 
     if args.worker:
         measure = {"sb3": measure_sb3, "sb3dqn": measure_sb3_dqn}.get(args.worker)

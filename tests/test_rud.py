@@ -325,13 +325,13 @@ BF16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                           reason="oneDNN has no bfloat16 path on this CPU")
 
 
-def precision_learners(width=256):
+def precision_learners(width=256, depth=2):
     """Two Learners with the same weights and minibatch stream, float32 and bfloat16 hidden products."""
     learners = []
     for precision in ("float32", "bfloat16"):
         config = (TD3Config().environment("Pendulum-v1")
                   .training(train_batch_size_per_learner=64, hidden_matmul_precision=precision)
-                  .rl_module(model_config={"actor_hidden": [width, width], "critic_hidden": [width, width]})
+                  .rl_module(model_config={"actor_hidden": [width] * depth, "critic_hidden": [width] * depth})
                   .debugging(seed=3))
         learners.append(config.build_learner(env=gym.make("Pendulum-v1")))
     learners[1].module[DEFAULT_MODULE_ID].load_state_dict(learners[0].module[DEFAULT_MODULE_ID].state_dict())
@@ -363,6 +363,19 @@ def test_bfloat16_hidden_products_stay_a_rounding_of_float32():
         apart = (rounded[name] - exact[name]).norm()
         assert 0 < apart < 0.25 * moved, (name, apart.item(), moved.item())
     torch.testing.assert_close(reduced._totals, single._totals, rtol=2e-2, atol=1e-2)
+
+
+@BF16
+def test_networks_without_hidden_to_hidden_products_are_untouched_by_bfloat16():
+    """With one hidden layer there is no product between hidden layers: every product is a
+    first-layer, head or first-layer-gradient one, which stays float32, so the bfloat16
+    Learner must end bit for bit where the float32 one does."""
+    single, reduced = precision_learners(width=64, depth=1)
+    for learner in (single, reduced):
+        learner._updates(learner.module[DEFAULT_MODULE_ID], 6)
+    exact, rounded = single.module[DEFAULT_MODULE_ID].state_dict(), reduced.module[DEFAULT_MODULE_ID].state_dict()
+    for name, value in exact.items():
+        assert torch.equal(rounded[name], value), name
 
 
 @pytest.mark.parametrize("fail_at, inside", [(1, False), (2, True)])

@@ -42,6 +42,7 @@ optimizers go through ``Optimizer.step``).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -101,6 +102,18 @@ def _actor_layers(actor: nn.Module) -> tuple[list[nn.Linear], type] | None:
     if activation not in _ACTIVATE or any(isinstance(a, nn.ELU) and a.alpha != 1.0 for a in activations):
         return None
     return linears, activation
+
+
+def _restores_precision(method: Callable) -> Callable:
+    """Puts oneDNN's precision back when ``method`` returns or raises: a failure inside a
+    hidden product must not leave the process computing in bfloat16."""
+    @functools.wraps(method)
+    def restoring(self: "FusedTD3Update", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.restore_precision()
+    return restoring
 
 
 def supports(module: nn.Module) -> bool:
@@ -330,6 +343,7 @@ class FusedTD3Update:
     # ------------------------------------------------------------------ one update
 
     @torch.no_grad()
+    @_restores_precision
     def target(self, next_obs: Tensor, rewards: Tensor, discounts: Tensor, noise: Tensor | None,
                updates: int = 1) -> Tensor:
         """``y`` as ``[batch, 1]``; ``discounts`` is ``gamma (1 - terminated)``. The rows may
@@ -344,6 +358,7 @@ class FusedTD3Update:
         return torch.addcmul(rewards, discounts, next_q)
 
     @torch.no_grad()
+    @_restores_precision
     def critic_step(self, obs: Tensor, actions: Tensor, td_target: Tensor) -> None:
         """One gradient step of ``sum_i mean_b (Q_i(s, a) - y)^2``; adds the loss and the
         mean Q to the totals."""
@@ -378,6 +393,7 @@ class FusedTD3Update:
         self._adam(self.critic_optimizer)
 
     @torch.no_grad()
+    @_restores_precision
     def actor_step(self, obs: Tensor) -> None:
         """One gradient step of ``-mean_b Q_1(s, mu(s))``, then the Polyak update of the
         targets; adds the actor loss to the totals."""

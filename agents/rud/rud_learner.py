@@ -162,9 +162,11 @@ class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
                 logger.warning("hidden_matmul_precision=%r applies to the hand-written update of the stock "
                                "networks; this module learns through autograd in float32", precision)
             return None
-        if precision == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            logger.warning("hidden_matmul_precision='bfloat16': oneDNN has no bfloat16 path on this CPU "
-                           "(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False), so the products stay float32")
+        if precision == "bfloat16" and not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                                            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            logger.warning("hidden_matmul_precision='bfloat16': oneDNN is off or has no bfloat16 path on this CPU "
+                           "(torch.backends.mkldnn.enabled, torch.ops.mkldnn._is_mkldnn_bf16_supported()), "
+                           "so the products stay float32")
         return FusedTD3Update(
             module, self.get_optimizer(DEFAULT_MODULE_ID, CRITIC_OPTIMIZER),
             self.get_optimizer(DEFAULT_MODULE_ID, ACTOR_OPTIMIZER), tau=self.config.tau, totals=self._totals,
@@ -174,16 +176,9 @@ class RUDTorchLearner(ReplayLearnerStateMixin, TorchLearner):
     def _fused_updates(self, module, indices: torch.Tensor, noise: torch.Tensor | None) -> None:
         """The updates by :class:`FusedTD3Update`; minibatches are gathered a chunk of
         updates at a time (one ``index_select`` per field per chunk)."""
-        fused = self._fused
-        fused.prepare()
-        try:
-            self._fused_chunks(module, indices, noise)
-        finally:
-            fused.restore_precision()  # even when an update fails half-way through a product
-
-    def _fused_chunks(self, module, indices: torch.Tensor, noise: torch.Tensor | None) -> None:
         fused, delay = self._fused, self.config.policy_delay
         num_updates, batch_size = indices.shape
+        fused.prepare()
         chunk = max(1, min(num_updates, self.GATHER_ROWS // batch_size))
         for first in range(0, num_updates, chunk):
             rows = indices[first : first + chunk]
