@@ -297,12 +297,12 @@ class FusedTD3Update:
         h = obs
         last = len(actor.layers) - 1
         for index, (_, weight_t, bias, _, _) in enumerate(actor.layers):
-            if 0 < index < last:
+            hidden = 0 < index < last  # a product between two hidden layers
+            if hidden:
                 self._hidden_products()
-                h = torch.addmm(bias, h, weight_t)
+            h = torch.addmm(bias, h, weight_t)
+            if hidden:
                 self.restore_precision()
-            else:
-                h = torch.addmm(bias, h, weight_t)
             if index < last:
                 self.actor_activate(h)
             else:
@@ -416,13 +416,14 @@ class FusedTD3Update:
         for k in range(last, -1, -1):
             weight, _, _, weight_grad, bias_grad = actor.layers[k]
             layer_input = outputs[k - 1] if k > 0 else obs
-            if 0 < k < last:
+            hidden = 0 < k < last  # this layer's products are between two hidden layers
+            if hidden:
                 self._hidden_products()
             torch.mm(grad.t(), layer_input, out=weight_grad)
             torch.sum(grad, 0, out=bias_grad)
             if k > 0:
                 grad = self.actor_gradient(grad @ weight, layer_input)
-            if 0 < k < last:
+            if hidden:
                 self.restore_precision()
         self._adam(self.actor_optimizer)
         torch._foreach_lerp_(self.targets, self.online, self.tau)
